@@ -1,0 +1,239 @@
+/* compute-agent's entry point. main() reads the configuration, initialises every library while
+ * the process still has one thread, starts the rpc thread, then waits for signals: SIGTERM and
+ * SIGINT stop the agent cleanly, SIGHUP re-reads the configuration files and applies the log
+ * level (the only setting that can change without a restart). Signals are blocked in every thread
+ * and taken synchronously here, so no handler runs in async-signal context. */
+
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "cleanup.h"
+#include "config.h"
+#include "err.h"
+#include "log.h"
+#include "service.h"
+#include "util.h"
+
+#ifndef AGENT_VERSION
+#define AGENT_VERSION "0.0.0"
+#endif
+
+#define DEFAULT_CONFIG_FILE "/etc/nova/nova.conf"
+
+static void
+usage(FILE *f)
+{
+    fprintf(f,
+            "Usage: compute-agent [--config-file PATH]... [--print-config]\n"
+            "\n"
+            "Snapshot agent for OpenStack compute hosts: consumes nova's snapshot_instance RPC\n"
+            "casts from RabbitMQ and uploads instance snapshots to Glance.\n"
+            "\n"
+            "  --config-file PATH  nova.conf-style file; repeatable, later files win\n"
+            "                      (default: " DEFAULT_CONFIG_FILE " if it exists)\n"
+            "  --print-config      print the effective configuration (secrets masked), exit\n"
+            "  --help              this text\n"
+            "  --version           version of the agent and of the libraries it runs on\n");
+}
+
+static void
+print_version(void)
+{
+    char buf[1024];
+
+    printf("compute-agent %s\n", AGENT_VERSION);
+    rpc_library_versions(buf, sizeof(buf));
+    fputs(buf, stdout);
+    backend_library_versions(buf, sizeof(buf));
+    fputs(buf, stdout);
+    printf("sqlite %s\n", sqlite3_libversion());
+}
+
+struct link_log {
+    atomic_bool was_connected;
+};
+
+/* Called on the rpc thread at each change of the broker link: the one place these are logged. */
+static void
+on_link(void *user, enum rpc_link_state st, const char *peer, const struct agent_err *err,
+        int retry_in_s)
+{
+    struct link_log *ll = user;
+
+    switch (st) {
+    case RPC_LINK_CONNECTED:
+        if (!atomic_exchange(&ll->was_connected, true))
+            log_info(LOG_MAIN, "ready: connected to RabbitMQ at %s", peer);
+        else
+            log_info(LOG_MAIN, "reconnected to RabbitMQ at %s", peer);
+        break;
+    case RPC_LINK_LOST:
+        log_warning(LOG_MAIN, "lost RabbitMQ connection to %s: %s; reconnecting in %d s", peer,
+                    err && err->msg[0] ? err->msg : "unknown error", retry_in_s);
+        break;
+    case RPC_LINK_UNREACHABLE:
+        log_error(LOG_MAIN, "no RabbitMQ broker reachable (last: %s); retrying in %d s",
+                  err && err->msg[0] ? err->msg : "unknown error", retry_in_s);
+        break;
+    case RPC_LINK_STATE_MAX:
+        break;
+    }
+}
+
+static int
+load_config(char **files, size_t n_files, struct agent_config **ret_cfg)
+{
+    struct agent_err err = {0};
+    int r = config_load(files, n_files, ret_cfg, &err);
+
+    if (r < 0)
+        log_error(LOG_CONFIG, "%s", err.msg[0] ? err.msg : strerror(-r));
+    return r;
+}
+
+int
+main(int argc, char **argv)
+{
+    static const struct option longopts[] = {
+        {"config-file", required_argument, NULL, 'c'},
+        {"print-config", no_argument, NULL, 'p'},
+        {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
+        {NULL, 0, NULL, 0},
+    };
+    _cleanup_free_ char **files = NULL;
+    size_t n_files = 0;
+    bool print_config = false;
+    struct agent_config *cfg = NULL;
+    struct rpc_service *rpc = NULL;
+    struct link_log ll = {0};
+    struct agent_err err = {0};
+    sigset_t sigs;
+    int opt, r, ret = EXIT_FAILURE;
+
+    files = calloc((size_t)argc + 1, sizeof(*files));
+    if (!files)
+        return EXIT_FAILURE;
+    while ((opt = getopt_long(argc, argv, "c:phV", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 'c':
+            files[n_files++] = optarg;
+            break;
+        case 'p':
+            print_config = true;
+            break;
+        case 'h':
+            usage(stdout);
+            return EXIT_SUCCESS;
+        case 'V':
+            print_version();
+            return EXIT_SUCCESS;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (optind < argc) {
+        fprintf(stderr, "compute-agent: unexpected argument '%s'\n", argv[optind]);
+        usage(stderr);
+        return 2;
+    }
+    if (n_files == 0 && access(DEFAULT_CONFIG_FILE, R_OK) == 0)
+        files[n_files++] = (char *)DEFAULT_CONFIG_FILE;
+
+    if (load_config(files, n_files, &cfg) < 0)
+        return EXIT_FAILURE;
+    if (print_config) {
+        r = config_dump(cfg, STDOUT_FILENO);
+        config_free(cfg);
+        return r < 0 ? EXIT_FAILURE : EXIT_SUCCESS;
+    }
+
+    log_set_debug_mask(cfg->debug_mask);
+    if (cfg->log_file && *cfg->log_file) {
+        r = log_open_file(cfg->log_file);
+        if (r < 0) {
+            log_error(LOG_MAIN, "cannot open log_file %s: %s", cfg->log_file, strerror(-r));
+            goto out;
+        }
+    }
+
+    /* Before any thread exists: every thread inherits this mask, so only sigwaitinfo() below
+     * ever sees these signals. A closed broker socket must give EPIPE, not kill the agent. */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    r = backend_global_init(&err);
+    if (r < 0) {
+        log_error(LOG_MAIN, "%s", err.msg);
+        goto out;
+    }
+
+    log_info(LOG_MAIN, "compute-agent %s starting: host %s, images_type %s, control_exchange %s, "
+             "%zu config file(s)", AGENT_VERSION, cfg->host, images_type_to_string(cfg->images_type),
+             cfg->control_exchange, n_files);
+    for (size_t i = 0; i < n_files; i++)
+        log_info(LOG_CONFIG, "loaded %s", files[i]);
+
+    struct rpc_service_opts ro = {
+        .url = cfg->transport,
+        .host = cfg->host,
+        .heartbeat_s = (int)cfg->heartbeat_timeout_threshold,
+        .retry_interval_s = (int)cfg->rabbit_retry_interval,
+        .retry_backoff_s = (int)cfg->rabbit_retry_backoff,
+        .interval_max_s = (int)cfg->rabbit_interval_max,
+        .on_link = on_link,
+        .user = &ll,
+    };
+    r = rpc_service_start(&ro, &rpc);
+    if (r < 0) {
+        log_error(LOG_MAIN, "cannot start the rpc thread: %s", strerror(-r));
+        goto out_backend;
+    }
+
+    for (;;) {
+        siginfo_t si;
+        int sig = sigwaitinfo(&sigs, &si);
+        if (sig < 0) {
+            if (errno == EINTR)
+                continue;
+            log_error(LOG_MAIN, "sigwaitinfo: %s", strerror(errno));
+            break;
+        }
+        if (sig == SIGHUP) {
+            struct agent_config *nc = NULL;
+            if (load_config(files, n_files, &nc) < 0) {
+                log_warning(LOG_MAIN, "SIGHUP: configuration not reloaded, keeping the old one");
+                continue;
+            }
+            log_set_debug_mask(nc->debug_mask);
+            log_info(LOG_MAIN, "SIGHUP: log level reloaded (other changes need a restart)");
+            config_free(nc);
+            continue;
+        }
+        log_info(LOG_MAIN, "%s received, stopping", strsignal(sig));
+        break;
+    }
+    rpc_service_stop(rpc);
+    log_info(LOG_MAIN, "stopped");
+    ret = EXIT_SUCCESS;
+
+out_backend:
+    backend_global_cleanup();
+out:
+    config_free(cfg);
+    return ret;
+}

@@ -17,7 +17,7 @@ BUILD_PKGS=(
 SERVICE_PKGS=(
     rabbitmq-server amqp-tools
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-    qemu-system-x86 qemu-utils qemu-guest-agent
+    qemu-system-x86 qemu-utils qemu-guest-agent qemu-block-extra
     busybox-static cpio e2fsprogs kmod libnbd-bin
     ceph-mon ceph-osd ceph-common
     glance-api

@@ -7,7 +7,10 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <strings.h>
+#include <sys/random.h>
+#include <sys/types.h>
 
 #include "cleanup.h"
 
@@ -163,5 +166,64 @@ util_split(const char *s, char sep, char ***ret_v)
         p = end + 1;
     }
     *ret_v = v;
+    return 0;
+}
+
+static int
+random_bytes(unsigned char *b, size_t n)
+{
+    size_t got = 0;
+
+    while (got < n) {
+        ssize_t k = getrandom(b + got, n - got, 0);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        got += (size_t)k;
+    }
+    return 0;
+}
+
+static void
+to_hex(const unsigned char *b, size_t n, char *out)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = hex[b[i] >> 4];
+        out[2 * i + 1] = hex[b[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+int
+util_random_hex(char *buf, size_t nbytes)
+{
+    unsigned char b[64];
+    int r;
+
+    if (nbytes > sizeof(b))
+        return -EINVAL;
+    r = random_bytes(b, nbytes);
+    if (r < 0)
+        return r;
+    to_hex(b, nbytes, buf);
+    return 0;
+}
+
+int
+util_random_uuid(char *buf)
+{
+    unsigned char b[16];
+    char hex[33];
+    int r = random_bytes(b, sizeof(b));
+
+    if (r < 0)
+        return r;
+    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40); /* version 4 */
+    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    to_hex(b, sizeof(b), hex);
+    snprintf(buf, 37, "%.8s-%.4s-%.4s-%.4s-%.12s", hex, hex + 8, hex + 12, hex + 16, hex + 20);
     return 0;
 }

@@ -45,3 +45,10 @@ util_strv_freep(char ***v)
 {
     util_strv_free(*v);
 }
+
+/* Fill buf with 2*nbytes lowercase hex digits of kernel randomness plus a NUL (buf must hold
+ * 2*nbytes+1). Returns 0 or -errno. */
+int util_random_hex(char *buf, size_t nbytes);
+
+/* A random (version 4) UUID in its 36-character text form; buf holds at least 37 bytes. */
+int util_random_uuid(char *buf);

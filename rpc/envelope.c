@@ -555,3 +555,54 @@ rpc_check_target(const struct rpc_request *req, struct agent_err *err)
                              "Attempted method: %s", req->version, req->method);
     return 0;
 }
+
+int
+rpc_build_failure_reply(const struct rpc_request *req, int code, const char *message,
+                        char **ret_body, size_t *ret_len)
+{
+    json_auto_t *failure = NULL, *inner = NULL, *env = NULL;
+    const char *cls, *module = "oslo_messaging.rpc.dispatcher";
+    char uid[33];
+    char *fs, *is, *out;
+
+    if (!req->msg_id)
+        return -EINVAL;
+    /* The caller rebuilds the exception as klass(*args, **kwargs): args must fit the class. */
+    if (code == -ENOSYS) {
+        cls = "NoSuchMethod";
+        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s], s:{}}", "class", cls, "module", module,
+                            "message", message, "tb", "", "args", req->method, "kwargs");
+    } else if (code == -EPROTONOSUPPORT) {
+        cls = "UnsupportedVersion";
+        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s, s], s:{}}", "class", cls, "module",
+                            module, "message", message, "tb", "", "args", req->version,
+                            req->method, "kwargs");
+    } else {
+        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s], s:{}}", "class", "AgentError",
+                            "module", "compute_agent", "message", message, "tb", "", "args",
+                            message, "kwargs");
+    }
+    if (!failure || util_random_hex(uid, 16) < 0)
+        return -ENOMEM;
+    fs = json_dumps(failure, JSON_PRESERVE_ORDER);
+    if (!fs)
+        return -ENOMEM;
+    inner = json_pack("{s:n, s:s, s:b, s:s, s:s}", "result", "failure", fs, "ending", 1, "_msg_id",
+                      req->msg_id, "_unique_id", uid);
+    free(fs);
+    if (!inner)
+        return -ENOMEM;
+    is = json_dumps(inner, JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII);
+    if (!is)
+        return -ENOMEM;
+    env = json_pack("{s:s, s:s}", "oslo.version", "2.0", "oslo.message", is);
+    free(is);
+    if (!env)
+        return -ENOMEM;
+    out = json_dumps(env, JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII);
+    if (!out)
+        return -ENOMEM;
+    *ret_len = strlen(out);
+    *ret_body = out;
+    return 0;
+}

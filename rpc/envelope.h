@@ -28,3 +28,12 @@ int rpc_parse_delivery(const void *body, size_t len, const char *content_type,
  * (oslo's NoSuchMethod); -EPROTONOSUPPORT method known but version not served
  * (UnsupportedVersion). err says which. Served: snapshot_instance 5.x and 6.x. */
 int rpc_check_target(const struct rpc_request *req, struct agent_err *err);
+
+/* Encoding side: the reply an oslo RPC caller waits for when its call failed, as oslo's
+ * _send_reply + serialize_remote_exception write it: a 2.0 envelope around {"result": null,
+ * "failure": "<JSON of class, module, message, tb, args, kwargs>", "ending": true, "_msg_id",
+ * "_unique_id"}. code selects the class: -ENOSYS NoSuchMethod, -EPROTONOSUPPORT
+ * UnsupportedVersion (both module oslo_messaging.rpc.dispatcher), anything else a RemoteError-style
+ * failure of class AgentError. Returns 0 and *ret_body (caller frees), or -ENOMEM/-EINVAL. */
+int rpc_build_failure_reply(const struct rpc_request *req, int code, const char *message,
+                            char **ret_body, size_t *ret_len);

@@ -76,6 +76,13 @@ struct agent_config {
     long rabbit_retry_interval;
     long rabbit_retry_backoff;
     long rabbit_interval_max;
+    bool rabbit_ha_queues;
+    long rabbit_transient_queues_ttl;
+    long rabbit_quorum_delivery_limit;
+    long rabbit_quorum_max_memory_length;
+    long rabbit_quorum_max_memory_bytes;
+    bool direct_mandatory_flag;
+    bool enable_cancel_on_failover;
 
     /* [oslo_messaging_notifications] */
     char **notification_drivers; /* NULL-terminated; empty = notifications off, as oslo */

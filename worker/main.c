@@ -20,6 +20,7 @@
 #include "config.h"
 #include "err.h"
 #include "log.h"
+#include "request.h"
 #include "service.h"
 #include "util.h"
 
@@ -66,6 +67,7 @@ struct link_log {
 static void
 on_link(void *user, enum rpc_link_state st, const char *peer, const struct agent_err *err,
         int retry_in_s)
+
 {
     struct link_log *ll = user;
 
@@ -87,6 +89,25 @@ on_link(void *user, enum rpc_link_state st, const char *peer, const struct agent
     case RPC_LINK_STATE_MAX:
         break;
     }
+}
+
+/* Called on the rpc thread with each request the agent serves; owns req from here. The snapshot
+ * job machinery takes requests from here once it exists; until then a request is recorded and
+ * released. */
+static int
+on_request(void *user, struct rpc_request *req)
+{
+    const struct instance *in = req->instance;
+
+    (void)user;
+    log_info(LOG_WORKER, "received %s (rpc %s, envelope %s) for instance %s image %s vm_state %s "
+             "task_state %s host %s request %s", req->method, req->version, req->envelope_version,
+             in ? in->uuid : "-", req->image_id ? req->image_id : "-",
+             in && in->vm_state ? in->vm_state : "None",
+             in && in->task_state ? in->task_state : "None", in && in->host ? in->host : "None",
+             req->ctx.request_id ? req->ctx.request_id : "-");
+    rpc_request_free(req);
+    return 0;
 }
 
 static int
@@ -190,12 +211,29 @@ main(int argc, char **argv)
 
     struct rpc_service_opts ro = {
         .url = cfg->transport,
-        .host = cfg->host,
+        .topo =
+            {
+                .exchange = cfg->control_exchange,
+                .topic = "compute",
+                .server = cfg->host,
+                .durable = cfg->amqp_durable_queues || cfg->rabbit_quorum_queue,
+                .auto_delete = cfg->amqp_auto_delete,
+                .ha = cfg->rabbit_ha_queues,
+                .quorum = cfg->rabbit_quorum_queue,
+                .quorum_delivery_limit = cfg->rabbit_quorum_delivery_limit,
+                .quorum_max_memory_length = cfg->rabbit_quorum_max_memory_length,
+                .quorum_max_memory_bytes = cfg->rabbit_quorum_max_memory_bytes,
+                .transient_queues_ttl_s = cfg->rabbit_transient_queues_ttl,
+                .prefetch = (int)cfg->rabbit_qos_prefetch_count,
+                .direct_mandatory = cfg->direct_mandatory_flag,
+                .cancel_on_failover = cfg->enable_cancel_on_failover,
+            },
         .heartbeat_s = (int)cfg->heartbeat_timeout_threshold,
         .retry_interval_s = (int)cfg->rabbit_retry_interval,
         .retry_backoff_s = (int)cfg->rabbit_retry_backoff,
         .interval_max_s = (int)cfg->rabbit_interval_max,
         .on_link = on_link,
+        .on_request = on_request,
         .user = &ll,
     };
     r = rpc_service_start(&ro, &rpc);

@@ -8,6 +8,9 @@
 #include <stdio.h>
 #include <string.h>
 
+static int err_vset(struct agent_err *err, bool retryable, int code, const char *fmt, va_list ap)
+    __attribute__((format(printf, 4, 0)));
+
 static int
 err_vset(struct agent_err *err, bool retryable, int code, const char *fmt, va_list ap)
 {

@@ -541,55 +541,81 @@ rpc_parse_delivery(const void *body, size_t len, const char *content_type,
     return 0;
 }
 
-int
-rpc_check_target(const struct rpc_request *req, struct agent_err *err)
+/* Is an endpoint at version major.minor compatible with what the caller asked for? */
+static bool
+compatible(const struct rpc_request *req, int major, int minor)
 {
-    if (req->namespace_)
-        return agent_err_set(err, -ENOSYS, "Endpoint does not support RPC method %s in namespace "
-                             "%.64s", req->method, req->namespace_);
-    if (strcmp(req->method, "snapshot_instance") != 0)
-        return agent_err_set(err, -ENOSYS, "Endpoint does not support RPC method %.128s",
-                             req->method);
-    if (req->version_major != 5 && req->version_major != 6)
-        return agent_err_set(err, -EPROTONOSUPPORT, "Endpoint does not support RPC version %s. "
-                             "Attempted method: %s", req->version, req->method);
-    return 0;
+    return req->version_major == major && req->version_minor <= minor;
 }
 
 int
-rpc_build_failure_reply(const struct rpc_request *req, int code, const char *message,
-                        char **ret_body, size_t *ret_len)
+rpc_check_target(const struct rpc_request *req, enum rpc_target *ret_target,
+                 struct agent_err *err)
 {
-    json_auto_t *failure = NULL, *inner = NULL, *env = NULL;
-    const char *cls, *module = "oslo_messaging.rpc.dispatcher";
+    bool found = false;
+
+    if (!req->namespace_) {
+        if (compatible(req, 6, 1) || compatible(req, 5, 13)) {
+            if (strcmp(req->method, "snapshot_instance") == 0) {
+                *ret_target = RPC_TARGET_SNAPSHOT;
+                return 0;
+            }
+            found = true;
+        }
+    } else if (strcmp(req->namespace_, "baseapi") == 0 && compatible(req, 1, 1)) {
+        if (strcmp(req->method, "ping") == 0) {
+            *ret_target = RPC_TARGET_PING;
+            return 0;
+        }
+        found = true;
+    }
+    if (found)
+        return agent_err_set(err, -ENOSYS, "Endpoint does not support RPC method %.128s",
+                             req->method);
+    return agent_err_set(err, -EPROTONOSUPPORT, "Endpoint does not support RPC version %.16s. "
+                         "Attempted method: %.128s", req->version, req->method);
+}
+
+int
+rpc_build_reply(const struct rpc_request *req, int code, const char *message, char **ret_body,
+                size_t *ret_len)
+{
+    json_auto_t *inner = NULL, *env = NULL;
+    json_t *result = json_null(), *failure = json_null();
     char uid[33];
-    char *fs, *is, *out;
+    char *is, *out;
 
     if (!req->msg_id)
         return -EINVAL;
-    /* The caller rebuilds the exception as klass(*args, **kwargs): args must fit the class. */
-    if (code == -ENOSYS) {
-        cls = "NoSuchMethod";
-        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s], s:{}}", "class", cls, "module", module,
-                            "message", message, "tb", "", "args", req->method, "kwargs");
-    } else if (code == -EPROTONOSUPPORT) {
-        cls = "UnsupportedVersion";
-        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s, s], s:{}}", "class", cls, "module",
-                            module, "message", message, "tb", "", "args", req->version,
-                            req->method, "kwargs");
+    if (util_random_hex(uid, 16) < 0)
+        return -ENOMEM;
+    if (code == 0) {
+        json_t *arg = json_object_get(json_object_get(req->doc->msg, "args"), "arg");
+        result = json_pack("{s:s, s:O}", "service", "compute", "arg", arg ? arg : json_null());
     } else {
-        failure = json_pack("{s:s, s:s, s:s, s:[s], s:[s], s:{}}", "class", "AgentError",
-                            "module", "compute_agent", "message", message, "tb", "", "args",
-                            message, "kwargs");
+        const char *cls = code == -ENOSYS            ? "NoSuchMethod"
+                          : code == -EPROTONOSUPPORT ? "UnsupportedVersion"
+                                                     : "AgentError";
+        const char *module = code == -ENOSYS || code == -EPROTONOSUPPORT
+                                 ? "oslo_messaging.rpc.dispatcher"
+                                 : "compute_agent";
+        /* oslo's exceptions keep only the formatted message in args and have no kwargs. */
+        json_auto_t *f = json_pack("{s:s, s:s, s:s, s:[s], s:[s], s:{}}", "class", cls, "module",
+                                   module, "message", message, "tb", message, "args", message,
+                                   "kwargs");
+        char *fs = f ? json_dumps(f, JSON_PRESERVE_ORDER) : NULL;
+        if (!fs)
+            return -ENOMEM;
+        failure = json_string(fs);
+        free(fs);
     }
-    if (!failure || util_random_hex(uid, 16) < 0)
+    if (!result || !failure) {
+        json_decref(result);
+        json_decref(failure);
         return -ENOMEM;
-    fs = json_dumps(failure, JSON_PRESERVE_ORDER);
-    if (!fs)
-        return -ENOMEM;
-    inner = json_pack("{s:n, s:s, s:b, s:s, s:s}", "result", "failure", fs, "ending", 1, "_msg_id",
-                      req->msg_id, "_unique_id", uid);
-    free(fs);
+    }
+    inner = json_pack("{s:o, s:o, s:b, s:s, s:s}", "result", result, "failure", failure, "ending",
+                      1, "_msg_id", req->msg_id, "_unique_id", uid);
     if (!inner)
         return -ENOMEM;
     is = json_dumps(inner, JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII);
@@ -597,9 +623,7 @@ rpc_build_failure_reply(const struct rpc_request *req, int code, const char *mes
         return -ENOMEM;
     env = json_pack("{s:s, s:s}", "oslo.version", "2.0", "oslo.message", is);
     free(is);
-    if (!env)
-        return -ENOMEM;
-    out = json_dumps(env, JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII);
+    out = env ? json_dumps(env, JSON_PRESERVE_ORDER | JSON_ENSURE_ASCII) : NULL;
     if (!out)
         return -ENOMEM;
     *ret_len = strlen(out);

@@ -24,16 +24,29 @@ struct rpc_request;
 int rpc_parse_delivery(const void *body, size_t len, const char *content_type,
                        struct rpc_request **ret_req, struct agent_err *err);
 
-/* Does the agent serve req->method at req->version? 0 yes; -ENOSYS no such method
- * (oslo's NoSuchMethod); -EPROTONOSUPPORT method known but version not served
- * (UnsupportedVersion). err says which. Served: snapshot_instance 5.x and 6.x. */
-int rpc_check_target(const struct rpc_request *req, struct agent_err *err);
+/* What a served request is. */
+enum rpc_target {
+    RPC_TARGET_SNAPSHOT, /* snapshot_instance: the worker's */
+    RPC_TARGET_PING,     /* baseapi ping: answered by the rpc thread itself */
+    RPC_TARGET_MAX,
+};
 
-/* Encoding side: the reply an oslo RPC caller waits for when its call failed, as oslo's
- * _send_reply + serialize_remote_exception write it: a 2.0 envelope around {"result": null,
- * "failure": "<JSON of class, module, message, tb, args, kwargs>", "ending": true, "_msg_id",
- * "_unique_id"}. code selects the class: -ENOSYS NoSuchMethod, -EPROTONOSUPPORT
- * UnsupportedVersion (both module oslo_messaging.rpc.dispatcher), anything else a RemoteError-style
- * failure of class AgentError. Returns 0 and *ret_body (caller frees), or -ENOMEM/-EINVAL. */
-int rpc_build_failure_reply(const struct rpc_request *req, int code, const char *message,
-                            char **ret_body, size_t *ret_len);
+/* Route req the way oslo's dispatcher would for nova-compute 26's endpoints: ComputeManager
+ * (default namespace, 6.1), its 5.13 proxy, and BaseRPCAPI (namespace "baseapi", 1.1). A target
+ * is compatible when the major versions match and the requested minor is not newer. Returns 0
+ * and *ret_target; -ENOSYS when a compatible endpoint lacks the method (NoSuchMethod);
+ * -EPROTONOSUPPORT when no endpoint is compatible (UnsupportedVersion). err carries oslo's
+ * message text. */
+int rpc_check_target(const struct rpc_request *req, enum rpc_target *ret_target,
+                     struct agent_err *err);
+
+/* Encoding side: the reply an oslo RPC caller waits for, as oslo's _send_reply writes it: a 2.0
+ * envelope around {"result": R, "failure": F, "ending": true, "_msg_id", "_unique_id"}.
+ * code 0: success, R is the answer to a ping ({"service": "compute", "arg": <args.arg>}) and F
+ * null. Otherwise R is null and F the JSON *string* serialize_remote_exception makes: class
+ * NoSuchMethod (-ENOSYS) or UnsupportedVersion (-EPROTONOSUPPORT) of module
+ * oslo_messaging.rpc.dispatcher, or for any other code class AgentError of module
+ * compute_agent; message, tb, args [message], kwargs {}. Returns 0 and *ret_body (caller frees),
+ * or -ENOMEM, -EINVAL (not a call). */
+int rpc_build_reply(const struct rpc_request *req, int code, const char *message, char **ret_body,
+                    size_t *ret_len);

@@ -358,9 +358,9 @@ queue_reply(struct rpc_service *svc, const struct rpc_request *req, int code, co
     size_t len;
     char *body = NULL;
 
-    if (!m || rpc_build_failure_reply(req, code, why, &body, &len) < 0) {
+    if (!m || rpc_build_reply(req, code, why, &body, &len) < 0) {
         free(m);
-        log_error(LOG_RPC, "cannot build the failure reply for %s: out of memory", req->method);
+        log_error(LOG_RPC, "cannot build the reply for %s: out of memory", req->method);
         return;
     }
     m->exchange = strdup("");
@@ -397,7 +397,16 @@ handle_delivery(struct rpc_service *svc, struct rpc_conn *c, struct rpc_delivery
         rpc_request_free(req);
         return rpc_conn_ack(c, d->tag, cerr);
     }
-    r = rpc_check_target(req, &err);
+    enum rpc_target target;
+    r = rpc_check_target(req, &target, &err);
+    if (r == 0 && target == RPC_TARGET_PING) {
+        if (req->kind == RPC_KIND_CALL)
+            queue_reply(svc, req, 0, NULL);
+        log_debug(LOG_RPC, "answered ping (request %s)",
+                  req->ctx.request_id ? req->ctx.request_id : "-");
+        rpc_request_free(req);
+        return rpc_conn_ack(c, d->tag, cerr);
+    }
     if (r < 0) {
         if (req->kind == RPC_KIND_CALL) {
             log_warning(LOG_RPC, "%s (rpc %s) not served: %s; failure replied to %s", req->method,
@@ -474,7 +483,7 @@ service_main(void *arg)
         struct agent_err err = {0};
         int r = rpc_conn_open(&copts, &index, &c, &err);
 
-        if (r >= 0) {
+        if (r >= 0 && !o->publish_only) {
             r = setup_consumers(svc, c, &err);
             if (r < 0) {
                 rpc_conn_close(c);
@@ -491,8 +500,11 @@ service_main(void *arg)
         }
         round = 0;
         char desc[1024];
-        snprintf(desc, sizeof(desc), "%s, consuming %s, %s, %s", rpc_conn_peer(c), o->topo.topic,
-                 svc->server_queue, svc->fanout_queue);
+        if (o->publish_only)
+            snprintf(desc, sizeof(desc), "%s, publishing only", rpc_conn_peer(c));
+        else
+            snprintf(desc, sizeof(desc), "%s, consuming %s, %s, %s", rpc_conn_peer(c),
+                     o->topo.topic, svc->server_queue, svc->fanout_queue);
         notify(svc, RPC_LINK_CONNECTED, desc, NULL, 0);
 
         bool stop = serve(svc, c, &err) == 1;

@@ -43,6 +43,8 @@ struct rpc_topology {
 
 struct rpc_service_opts {
     const struct rpc_transport_url *url; /* borrowed: must outlive the service */
+    /* Publish only: declare and consume nothing (a separate notification transport_url, tools). */
+    bool publish_only;
     struct rpc_topology topo;            /* strings borrowed likewise */
     int heartbeat_s;
     int retry_interval_s, retry_backoff_s, interval_max_s; /* oslo's reconnection schedule */

@@ -18,11 +18,12 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct agent_err err = {0};
 
     if (rpc_parse_delivery(data, size, "application/json", &req, &err) == 0) {
-        int r = rpc_check_target(req, &err);
+        enum rpc_target t;
+        int r = rpc_check_target(req, &t, &err);
         if (req->kind == RPC_KIND_CALL) {
             char *body = NULL;
             size_t len;
-            if (rpc_build_failure_reply(req, r, err.msg[0] ? err.msg : "x", &body, &len) == 0)
+            if (rpc_build_reply(req, r, err.msg[0] ? err.msg : "x", &body, &len) == 0)
                 free(body);
         }
         if (req->instance)

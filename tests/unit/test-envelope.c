@@ -288,16 +288,23 @@ main(void)
     /* 4. What the agent serves. */
     static const struct {
         const char *name;
-        const char *edits[3];
+        const char *edits[4];
         int ret;
     } targets[] = {
         {"snapshot 6.0", {NULL}, 0},
-        {"snapshot 6.3", {"version=\"6.3\""}, 0},
+        {"snapshot 6.1", {"version=\"6.1\""}, 0},
+        {"snapshot 6.2 (newer than nova 26)", {"version=\"6.2\""}, -EPROTONOSUPPORT},
         {"snapshot 5.13", {"version=\"5.13\""}, 0},
+        {"snapshot 5.14", {"version=\"5.14\""}, -EPROTONOSUPPORT},
         {"snapshot 7.0", {"version=\"7.0\""}, -EPROTONOSUPPORT},
         {"snapshot 4.22", {"version=\"4.22\""}, -EPROTONOSUPPORT},
         {"other method", {"method=\"reboot_instance\""}, -ENOSYS},
-        {"namespace", {"namespace=\"baseapi\""}, -ENOSYS},
+        {"baseapi ping", {"namespace=\"baseapi\"", "method=\"ping\"", "version=\"1.1\""}, 0},
+        {"baseapi other", {"namespace=\"baseapi\"", "method=\"pong\"", "version=\"1.0\""},
+         -ENOSYS},
+        {"baseapi 2.0", {"namespace=\"baseapi\"", "method=\"ping\"", "version=\"2.0\""},
+         -EPROTONOSUPPORT},
+        {"unknown namespace", {"namespace=\"other\""}, -EPROTONOSUPPORT},
     };
     for (size_t i = 0; i < ELEMENTSOF(targets); i++) {
         _cleanup_free_ char *body = make_body(targets[i].edits, true);
@@ -307,11 +314,80 @@ main(void)
         CHECK(rpc_parse_delivery(body, strlen(body), "application/json", &req, &err) == 0, "parse %s",
               err.msg);
         if (req) {
-            int r = rpc_check_target(req, &err);
+            enum rpc_target t;
+            int r = rpc_check_target(req, &t, &err);
             CHECK(r == targets[i].ret, "ret %d, expected %d (%s)", r, targets[i].ret, err.msg);
             CHECK(r == 0 || strstr(err.msg, "Endpoint does not support RPC"), "msg %s", err.msg);
         }
         test_end();
     }
+    /* 5. Replies, decoded back the way an oslo caller reads them. */
+    static const struct {
+        const char *name;
+        int code;
+        const char *cls; /* NULL: success */
+    } replies[] = {
+        {"ping reply", 0, NULL},
+        {"NoSuchMethod reply", -ENOSYS, "NoSuchMethod"},
+        {"UnsupportedVersion reply", -EPROTONOSUPPORT, "UnsupportedVersion"},
+        {"other failure reply", -EIO, "AgentError"},
+    };
+    for (size_t i = 0; i < ELEMENTSOF(replies); i++) {
+        _cleanup_free_ char *body = NULL;
+        _cleanup_(rpc_request_freep) struct rpc_request *req = NULL;
+        _cleanup_free_ char *out = NULL;
+        size_t len = 0;
+        test_begin(replies[i].name);
+        {
+            json_auto_t *m = json_loads(base_msg, 0, NULL);
+            json_object_set_new(m, "method", json_string("ping"));
+            json_object_set_new(m, "_msg_id", json_string("m9"));
+            json_object_set_new(m, "_reply_q", json_string("reply_x"));
+            json_object_set_new(m, "args", json_pack("{s:[i,s]}", "arg", 1, "z"));
+            body = json_dumps(m, 0);
+        }
+        CHECK(rpc_parse_delivery(body, strlen(body), "application/json", &req, NULL) == 0, "parse");
+        if (!req) {
+            test_end();
+            continue;
+        }
+        CHECK(rpc_build_reply(req, replies[i].code, "why", &out, &len) == 0, "build");
+        json_auto_t *env = out ? json_loadb(out, len, 0, NULL) : NULL;
+        const char *inner_s = json_string_value(json_object_get(env, "oslo.message"));
+        CHECK_STREQ(json_string_value(json_object_get(env, "oslo.version")), "2.0");
+        json_auto_t *inner = inner_s ? json_loads(inner_s, 0, NULL) : NULL;
+        CHECK(json_is_true(json_object_get(inner, "ending")), "ending");
+        CHECK_STREQ(json_string_value(json_object_get(inner, "_msg_id")), "m9");
+        CHECK(strlen(json_string_value(json_object_get(inner, "_unique_id")) ?: "") == 32, "uid");
+        if (!replies[i].cls) {
+            json_t *res = json_object_get(inner, "result");
+            CHECK_STREQ(json_string_value(json_object_get(res, "service")), "compute");
+            CHECK(json_array_size(json_object_get(res, "arg")) == 2, "arg echoed");
+            CHECK(json_is_null(json_object_get(inner, "failure")), "failure null");
+        } else {
+            const char *fs = json_string_value(json_object_get(inner, "failure"));
+            json_auto_t *f = fs ? json_loads(fs, 0, NULL) : NULL;
+            CHECK(fs != NULL, "failure is a JSON string");
+            CHECK_STREQ(json_string_value(json_object_get(f, "class")), replies[i].cls);
+            CHECK_STREQ(json_string_value(json_object_get(f, "message")), "why");
+            CHECK(json_is_array(json_object_get(f, "tb")), "tb list");
+            CHECK(json_is_object(json_object_get(f, "kwargs")), "kwargs");
+            CHECK(json_is_null(json_object_get(inner, "result")), "result null");
+        }
+        test_end();
+    }
+
+    test_begin("no reply for a cast");
+    {
+        _cleanup_free_ char *body = make_body(NULL, true);
+        _cleanup_(rpc_request_freep) struct rpc_request *req = NULL;
+        char *out = NULL;
+        size_t len;
+        CHECK(rpc_parse_delivery(body, strlen(body), "application/json", &req, NULL) == 0, "parse");
+        if (req)
+            CHECK(rpc_build_reply(req, -ENOSYS, "x", &out, &len) == -EINVAL, "cast has no reply");
+        free(out);
+    }
+    test_end();
     return test_done();
 }

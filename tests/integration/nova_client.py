@@ -107,7 +107,7 @@ def fixture_cast():
 
 
 def build_instance(host, instance_uuid=None, display_name=None, vm_state=None,
-                   task_state='keep'):
+                   task_state='keep', sysmeta=None, power_state=None):
     """A real nova Instance object, rebuilt from the captured cast's instance primitive."""
     from nova import objects
     objects.register_all()
@@ -126,6 +126,13 @@ def build_instance(host, instance_uuid=None, display_name=None, vm_state=None,
         inst.vm_state = vm_state
     if task_state != 'keep':
         inst.task_state = task_state
+    if power_state is not None:
+        inst.power_state = power_state
+    for kv in sysmeta or []:
+        k, _, v = kv.partition('=')
+        md = dict(inst.system_metadata)
+        md[k] = v
+        inst.system_metadata = md
     # What the API hands to rpcapi was loaded from the DB: nothing pending.
     inst.obj_reset_changes(recursive=True)
     return inst
@@ -162,7 +169,7 @@ def cmd_cast(args):
     if task_state in ('None', 'none', ''):
         task_state = None
     inst = build_instance(args.host, args.instance_uuid, args.display_name, args.vm_state,
-                          task_state)
+                          task_state, args.sysmeta, args.power_state)
     api = compute_rpcapi.ComputeAPI()
     probe = make_context()
     client = api.router.client(probe)
@@ -562,6 +569,9 @@ def main(argv):
     c.add_argument('--image-id', help='the same image id for every cast (default: uuid4 each)')
     c.add_argument('--display-name')
     c.add_argument('--vm-state')
+    c.add_argument('--power-state', type=int, help='nova power_state (1 running, 4 shutdown)')
+    c.add_argument('--sysmeta', action='append', default=[],
+                   help='system_metadata KEY=VALUE (e.g. image_os_require_quiesce=yes); repeatable')
     c.add_argument('--task-state', default='keep',
                    help="default: the fixture's image_snapshot_pending; None for None")
     c.add_argument('--quiet', action='store_true', help='only the summary line')

@@ -111,5 +111,32 @@ pid_alive "$agent_pid" && ok "keeps retrying with a wrong password" || bad "exit
 stop_agent "$tmp/badpw.log"
 grep -q 'definitely-wrong-pw' "$tmp/badpw.log" && bad "wrong password logged" || ok "wrong password not logged"
 
+# 4. A queue declared differently by "the deployment" (durable, while this config says not): the
+#    broker refuses our declaration with 406, and the log says which options to align.
+/usr/bin/python3 - "$RABBIT_PASSWORD" <<'PY'
+import sys, amqp
+c = amqp.Connection(host='127.0.0.1:5672', userid='nova', password=sys.argv[1], virtual_host='/')
+c.connect()
+c.channel().queue_declare('compute.agent-test-406', durable=True, auto_delete=False)
+c.close()
+PY
+cat > "$tmp/406.conf" <<CONF
+[DEFAULT]
+host = agent-test-406
+transport_url = $TRANSPORT_URL
+[oslo_messaging_rabbit]
+rabbit_retry_interval = 1
+rabbit_retry_backoff = 1
+rabbit_interval_max = 2
+CONF
+start_agent "$tmp/406.log" "$tmp/406.conf"
+if wait_for 20 "406" grep -q "406 PRECONDITION_FAILED.*amqp_durable_queues, amqp_auto_delete, rabbit_quorum_queue and rabbit_ha_queues must match the deployment" "$tmp/406.log"; then
+    ok "inequivalent declaration explained (406)"
+else
+    bad "no clear 406 message"; tail -3 "$tmp/406.log"
+fi
+stop_agent "$tmp/406.log"
+$RABBITMQCTL delete_queue compute.agent-test-406 > /dev/null 2>&1 || true
+
 echo "$pass passed, $fail failed"
 [ "$fail" -eq 0 ]

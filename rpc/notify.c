@@ -943,6 +943,8 @@ build_context(const json_t *msg, bool elevated, int64_t now_us)
     const json_t *roles = ctx_get(msg, "roles"), *v;
     struct pytime now;
     struct sbuf idt = {0};
+    /* Declared before the first goto: the cleanup also runs when a jump skips its assignment. */
+    _cleanup_free_ char *identity = NULL;
     json_t *c = json_object(), *rl = NULL;
     bool has_admin = false;
     size_t i;
@@ -977,7 +979,7 @@ build_context(const json_t *msg, bool elevated, int64_t now_us)
     put_identity_part(&idt, ctx_get(msg, "user_domain"));
     sb_putc(&idt, ' ');
     put_identity_part(&idt, ctx_get(msg, "project_domain"));
-    _cleanup_free_ char *identity = sb_take(&idt, NULL);
+    identity = sb_take(&idt, NULL);
     if (!identity)
         goto fail;
 

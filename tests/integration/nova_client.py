@@ -186,9 +186,12 @@ def cmd_cast(args):
             inst.obj_reset_changes(recursive=True)
         ctxt = make_context()
         image_id = args.image_id or str(uuid.uuid4())
+        if args.interval_ms and i > 0:
+            time.sleep(args.interval_ms / 1000.0)
+        t_unix = time.time()
         api.snapshot_instance(ctxt, inst, image_id)
         results.append({'image_id': image_id, 'instance_uuid': inst.uuid,
-                        'request_id': ctxt.request_id})
+                        'request_id': ctxt.request_id, 't_unix': round(t_unix, 6)})
     elapsed = time.monotonic() - t0
     if not args.quiet:
         for r in results:
@@ -575,6 +578,8 @@ def main(argv):
     c.add_argument('--task-state', default='keep',
                    help="default: the fixture's image_snapshot_pending; None for None")
     c.add_argument('--quiet', action='store_true', help='only the summary line')
+    c.add_argument('--interval-ms', type=float, default=0,
+                   help='pause between casts (latency measurements); each line has t_unix')
 
     c = sub.add_parser('call', help='an oslo RPC call to compute.HOST')
     c.add_argument('--config', required=True)

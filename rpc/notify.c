@@ -2030,7 +2030,7 @@ rpc_notify_error(const struct rpc_notify_options *o, const struct rpc_request *r
 {
     struct emitter em = {.o = o};
     struct ninst ni;
-    json_auto_t *inst = NULL, *pl = NULL, *args = NULL;
+    json_auto_t *pl = NULL, *args = NULL;
     const char *k;
     json_t *v;
     int r;

@@ -11,7 +11,7 @@ what=${1:-all}
 BUILD_PKGS=(
     build-essential cmake pkg-config git
     librabbitmq-dev libjansson-dev libvirt-dev librados-dev librbd-dev
-    libcurl4-openssl-dev libsqlite3-dev libinih-dev libnbd-dev
+    libcurl4-openssl-dev libssl-dev libsqlite3-dev libinih-dev libnbd-dev zlib1g-dev
     clang libclang-rt-14-dev valgrind
 )
 SERVICE_PKGS=(

@@ -1,11 +1,70 @@
 /* Start-up glue for the backends: one call initialises every library they own, one reports what
- * was linked. Each library is touched only by the file that owns it (qcow2.c, rbd.c, glance.c). */
+ * was linked, and the table of disk backends by name. Each library is touched only by the file
+ * that owns it (qcow2.c, rbd.c, glance.c). */
 
 #include "backend.h"
 
 #include <errno.h>
+#include <stddef.h>
+#include <string.h>
 
+#include "cleanup.h"
 #include "err.h"
+
+static const char *const quiesce_mode_table[QUIESCE_MODE_MAX] = {
+    [QUIESCE_NONE] = "none",
+    [QUIESCE_TRY] = "try",
+    [QUIESCE_REQUIRED] = "required",
+};
+
+const char *
+quiesce_mode_to_string(enum quiesce_mode m)
+{
+    if ((unsigned)m >= QUIESCE_MODE_MAX)
+        return NULL;
+    return quiesce_mode_table[m];
+}
+
+static const char *const view_path_table[VIEW_PATH_MAX] = {
+    [VIEW_PATH_BACKUP_PULL] = "backup-pull",
+    [VIEW_PATH_BLOCKCOPY] = "blockcopy",
+    [VIEW_PATH_COLD] = "cold",
+    [VIEW_PATH_MANAGEDSAVE] = "managedsave",
+};
+
+const char *
+view_path_to_string(enum view_path p)
+{
+    if ((unsigned)p >= VIEW_PATH_MAX)
+        return NULL;
+    return view_path_table[p];
+}
+
+/* Every disk backend linked into the agent. */
+static const struct disk_backend_ops *const backend_table[] = {
+    &qcow2_backend_ops,
+};
+
+/* A table the worker can drive: every required member present (cleanup_job is optional). */
+static bool
+backend_complete(const struct disk_backend_ops *ops)
+{
+    return ops->name && ops->open && ops->close && ops->owns && ops->open_view &&
+           ops->close_view && ops->free_view;
+}
+
+const struct disk_backend_ops *
+backend_lookup(const char *name)
+{
+    if (!name)
+        return NULL;
+    for (size_t i = 0; i < ELEMENTSOF(backend_table); i++) {
+        const struct disk_backend_ops *ops = backend_table[i];
+        if (ops->name && strcmp(ops->name, name) == 0)
+            return backend_complete(ops) ? ops : NULL;
+    }
+    return NULL;
+}
 
 int
 backend_global_init(struct agent_err *err)
@@ -20,6 +79,7 @@ void
 backend_global_cleanup(void)
 {
     http_global_cleanup();
+    qcow2_global_cleanup();
 }
 
 void

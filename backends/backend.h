@@ -1,11 +1,126 @@
 #pragma once
-/* What the rest of the agent needs from backends/ before any snapshot runs: process-wide library
- * initialisation and the versions of the libraries linked, for --version and the start-up log.
- * The disk-backend interface (struct disk_backend_ops) joins this header with the first backend. */
+/* The disk-backend interface, and what the rest of the agent needs from backends/ before any
+ * snapshot runs (process-wide library initialisation, linked library versions).
+ *
+ * A backend turns "the root disk of instance X" into a point-in-time, readable view of that disk,
+ * described as extents so holes and zeros are never read or sent, and cleans up after itself on
+ * every path. The worker streams the view through the image encoder into Glance. */
 
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#include "imgenc.h"
 
 struct agent_err;
+
+/* How to quiesce the guest around the point in time, nova's rules from the image properties. */
+enum quiesce_mode {
+    QUIESCE_NONE,     /* no guest agent announced: crash-consistent */
+    QUIESCE_TRY,      /* hw_qemu_guest_agent=yes: freeze if the agent answers, else carry on */
+    QUIESCE_REQUIRED, /* os_require_quiesce=yes: a failed freeze fails the snapshot */
+    QUIESCE_MODE_MAX,
+};
+const char *quiesce_mode_to_string(enum quiesce_mode m);
+
+/* Which way the view was made, reported on the image and in the log. */
+enum view_path {
+    VIEW_PATH_BACKUP_PULL, /* live: libvirt backup API, pull mode, NBD over a unix socket */
+    VIEW_PATH_BLOCKCOPY,   /* live fallback: nova's shallow block copy to a delta, then read */
+    VIEW_PATH_COLD,        /* guest shut off: its disk chain read directly (qemu-nbd -r) */
+    VIEW_PATH_MANAGEDSAVE, /* disable_libvirt_livesnapshot: managed save, read, restore */
+    VIEW_PATH_MAX,
+};
+const char *view_path_to_string(enum view_path p);
+
+/* One snapshot as a backend sees it. Borrowed strings, valid for the whole job. */
+struct snap_job {
+    const char *job_id;           /* unique, [a-z0-9-]: names sockets and scratch files */
+    const char *instance_uuid;    /* the libvirt domain UUID */
+    const char *root_device_name; /* "/dev/vda" or NULL: the first disk, as nova */
+    enum quiesce_mode quiesce;
+    bool live_snapshot_disabled;  /* [workarounds] disable_libvirt_livesnapshot */
+    const char *scratch_dir;      /* [libvirt] snapshots_directory */
+    int agent_timeout_s;          /* bound on every guest-agent command (freeze, thaw) */
+};
+
+/* What a backend reports about the view it made (all filled by open_view). */
+struct view_info {
+    enum view_path path;
+    const char *path_reason;   /* why a fallback ran, static string, or NULL */
+    bool frozen;               /* filesystems were frozen for the point in time */
+    int frozen_count;          /* how many the guest agent froze */
+    int64_t freeze_window_ms;  /* freeze → thaw, -1 if not frozen */
+    int64_t downtime_ms;       /* guest not running because of us (managed save), else 0 */
+    char disk_target[32];      /* "vda" */
+    char disk_format[16];      /* source disk format, "qcow2" or "raw" */
+    char quiesce_error[256];   /* QUIESCE_TRY: why the freeze was skipped, "" otherwise */
+    int64_t setup_ms;          /* freeze + backup begin / block copy to ready + abort / managed
+                                * save: the step that fixes the point in time */
+    int64_t map_ms;            /* NBD connect + extent map (block status) */
+};
+
+/* A point-in-time view of one disk. The extents cover [0, virtual_size) in order; DATA extents
+ * are read with pread, ZERO ones never are. Owned by the backend until close_view. */
+struct disk_view {
+    uint64_t virtual_size;
+    struct imgenc_extent *extents;
+    size_t n_extents;
+    uint64_t allocated_bytes; /* sum of DATA extents */
+    imgenc_pread_fn pread;    /* thread-compatible: one reader at a time */
+    void *opaque;             /* for pread */
+    struct view_info info;
+    void *priv;               /* the backend's */
+};
+
+/* The configuration a backend needs (a subset of the agent's, so backends need no worker/
+ * header). Borrowed strings. */
+struct disk_backend_config {
+    const char *connection_uri;  /* libvirt */
+    const char *ceph_conf;       /* rbd */
+    const char *rbd_user;
+    const char *rbd_pool;
+};
+
+/* A disk backend. Every cleanup member is safe to call twice and after a restart. */
+struct disk_backend_ops {
+    const char *name; /* "qcow2", "rbd" */
+    /* Required. Connect to what the backend needs (libvirt, Ceph). Returns 0 and *ret_h, or
+     * -errno with err filled. Sets every library timeout so no later call blocks forever. */
+    int (*open)(const struct disk_backend_config *cfg, void **ret_h, struct agent_err *err);
+    /* Required. NULL-safe; frees everything open() made. */
+    void (*close)(void *h);
+    /* Required. Does this backend hold the instance's root disk? 1 yes, 0 no (domain or disk
+     * not found: -ENOENT is also fine), <0 error. */
+    int (*owns)(void *h, const struct snap_job *job, struct agent_err *err);
+    /* Required. Make the point-in-time view (freeze inside, thaw guaranteed before returning,
+     * whatever happens). On failure nothing is left behind (no job, scratch, socket, frozen
+     * filesystem, managed-saved guest that was running). -ENOENT: the domain is gone. */
+    int (*open_view)(void *h, const struct snap_job *job, struct disk_view **ret_v,
+                     struct agent_err *err);
+    /* Required. End the view: abort/finish the backup or block job, remove scratch and socket,
+     * restore a managed-saved guest. Idempotent; NULL-safe. Returns 0 or the first error (every
+     * step is still attempted; calling it again retries only what failed). v stays valid, with
+     * its final view_info (downtime_ms includes the restore), until free_view(). */
+    int (*close_view)(void *h, struct disk_view *v, struct agent_err *err);
+    /* Required. Free v and the memory the backend holds for it; NULL-safe. Touches neither the
+     * hypervisor nor the storage (a local NBD client and the server process it started are
+     * closed). A view freed without a successful close_view leaves its job for cleanup_job. */
+    void (*free_view)(void *h, struct disk_view *v);
+    /* Optional (NULL: nothing of a job can outlive the agent). Finish, from the job alone,
+     * whatever a view of it may have left: the journal calls it after a restart for every job
+     * that may have had a view open, the worker after a failed close_view or open_view. Needs
+     * instance_uuid, job_id, scratch_dir and agent_timeout_s as open_view got them. Idempotent,
+     * also while no view of the job exists; returns 0 or the first error (every step is still
+     * attempted). Must not run while a view of the same job is open. */
+    int (*cleanup_job)(void *h, const struct snap_job *job, struct agent_err *err);
+};
+
+extern const struct disk_backend_ops qcow2_backend_ops;
+
+/* The backend table for a name; NULL if unknown. Refuses (NULL) a table missing a required
+ * member. */
+const struct disk_backend_ops *backend_lookup(const char *name);
 
 /* Initialise libvirt (errors are read from the return path, never printed by libvirt) and
  * libcurl. Call once from main() before any thread starts. Returns 0 or -errno with err set. */
@@ -19,6 +134,7 @@ void backend_library_versions(char *buf, size_t size);
 
 /* Per-library pieces of the above, each in the file that owns the library. */
 int qcow2_global_init(struct agent_err *err);
+void qcow2_global_cleanup(void);
 size_t qcow2_library_versions(char *buf, size_t size);
 size_t cephrbd_library_versions(char *buf, size_t size);
 int http_global_init(struct agent_err *err);

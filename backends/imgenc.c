@@ -482,7 +482,7 @@ deflate_cluster(struct imgenc *e, const uint8_t *src, unsigned *ret_sectors,
 static int
 size_code(struct imgenc *e, const uint8_t *src, uint8_t *ret_code, struct agent_err *err)
 {
-    unsigned sectors;
+    unsigned sectors = 0; /* set by deflate_cluster() on success; gcc -O2 cannot tell */
 
     if (is_zero(src, e->csize)) {
         *ret_code = CODE_ZERO;

@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
@@ -20,7 +21,9 @@
 #include "config.h"
 #include "err.h"
 #include "log.h"
+#include "jobs.h"
 #include "request.h"
+#include "snapshot.h"
 #include "service.h"
 #include "util.h"
 
@@ -59,8 +62,10 @@ print_version(void)
     printf("sqlite %s\n", sqlite3_libversion());
 }
 
-struct link_log {
+struct agent {
     atomic_bool was_connected;
+    struct job_pool *pool;
+    struct snapshot_env env;
 };
 
 /* Called on the rpc thread at each change of the broker link: the one place these are logged. */
@@ -69,7 +74,7 @@ on_link(void *user, enum rpc_link_state st, const char *peer, const struct agent
         int retry_in_s)
 
 {
-    struct link_log *ll = user;
+    struct agent *ll = user;
 
     switch (st) {
     case RPC_LINK_CONNECTED:
@@ -91,23 +96,37 @@ on_link(void *user, enum rpc_link_state st, const char *peer, const struct agent
     }
 }
 
-/* Called on the rpc thread with each request the agent serves; owns req from here. The snapshot
- * job machinery takes requests from here once it exists; until then a request is recorded and
- * released. */
+/* Called on the rpc thread with each request the agent serves; owns req once queued. */
 static int
 on_request(void *user, struct rpc_request *req)
 {
+    struct agent *a = user;
     const struct instance *in = req->instance;
+    int r;
 
-    (void)user;
     log_info(LOG_WORKER, "received %s (rpc %s, envelope %s) for instance %s image %s vm_state %s "
              "task_state %s host %s request %s", req->method, req->version, req->envelope_version,
              in ? in->uuid : "-", req->image_id ? req->image_id : "-",
              in && in->vm_state ? in->vm_state : "None",
              in && in->task_state ? in->task_state : "None", in && in->host ? in->host : "None",
              req->ctx.request_id ? req->ctx.request_id : "-");
-    rpc_request_free(req);
-    return 0;
+    r = job_pool_submit(a->pool, req);
+    if (r < 0)
+        log_warning(LOG_WORKER, "instance %s: cannot queue the snapshot: %s", in ? in->uuid : "-",
+                    strerror(-r));
+    return r;
+}
+
+static void
+run_job(void *ctx, void *arg)
+{
+    snapshot_run(ctx, arg);
+}
+
+static void
+drop_job(void *ctx, void *arg)
+{
+    snapshot_abandon(ctx, arg);
 }
 
 static int
@@ -136,7 +155,7 @@ main(int argc, char **argv)
     bool print_config = false;
     struct agent_config *cfg = NULL;
     struct rpc_service *rpc = NULL;
-    struct link_log ll = {0};
+    struct agent ll = {0};
     struct agent_err err = {0};
     sigset_t sigs;
     int opt, r, ret = EXIT_FAILURE;
@@ -236,9 +255,24 @@ main(int argc, char **argv)
         .on_request = on_request,
         .user = &ll,
     };
+    ll.env.cfg = cfg;
+    ll.env.backend = backend_lookup(images_type_to_string(cfg->images_type));
+    pthread_mutex_init(&ll.env.lock, NULL);
+    if (!ll.env.backend)
+        log_error(LOG_MAIN, "[libvirt] images_type = %s is not supported yet: snapshots will "
+                  "fail", images_type_to_string(cfg->images_type));
+    r = job_pool_new(cfg->max_concurrent_snapshots, run_job, &ll.env, &ll.pool);
+    if (r < 0) {
+        log_error(LOG_MAIN, "cannot create the job pool: %s", strerror(-r));
+        goto out_backend;
+    }
+    pthread_mutex_lock(&ll.env.lock);
     r = rpc_service_start(&ro, &rpc);
+    ll.env.rpc = rpc;
+    pthread_mutex_unlock(&ll.env.lock);
     if (r < 0) {
         log_error(LOG_MAIN, "cannot start the rpc thread: %s", strerror(-r));
+        job_pool_free(ll.pool, drop_job);
         goto out_backend;
     }
 
@@ -265,7 +299,11 @@ main(int argc, char **argv)
         log_info(LOG_MAIN, "%s received, stopping", strsignal(sig));
         break;
     }
+    /* Running jobs finish (they still publish through the rpc thread); queued ones are given up
+     * (the journal will keep them across restarts). Then the rpc thread stops. */
+    job_pool_free(ll.pool, drop_job);
     rpc_service_stop(rpc);
+    snapshot_env_release(&ll.env);
     log_info(LOG_MAIN, "stopped");
     ret = EXIT_SUCCESS;
 

@@ -207,7 +207,7 @@ EOF
     fi
     cat <<EOF
     <serial type='file'>
-      <source path='$console' append='off'/>
+      <source path='$console' append='on'/>
       <target port='0'/>
     </serial>
     <memballoon model='none'/>
@@ -266,10 +266,15 @@ ensure_overlay() {
     log "created overlay $DISK over $BUILD/base.qcow2"
 }
 
+# wait_guest_ready [booting]: after a fresh boot, the init's ready marker first; a guest that was
+# already running (possibly restored from a managed save, whose console file QEMU reopened) is
+# ready when its agent answers and its writer advances.
 wait_guest_ready() {
     local s
-    wait_for "$BOOT_TIMEOUT" "the guest's ready marker in $CONSOLE" \
-        grep -qa CA-GUEST-READY "$CONSOLE" || return 1
+    if [ "${1:-}" = booting ]; then
+        wait_for "$BOOT_TIMEOUT" "the guest's ready marker in $CONSOLE" \
+            grep -qa CA-GUEST-READY "$CONSOLE" || return 1
+    fi
     wait_for 60 "qemu-ga to answer guest-ping" agent_ping || return 1
     wait_for 30 "a writer heartbeat" hb_beyond 0 || return 1
     s=$(last_hb_seq)
@@ -305,7 +310,7 @@ start_guest() {
             t0=$(svc_time_ms)
             vsh start "$GUEST_UUID" > /dev/null
             log "guest $GUEST_NAME started ($domtype), waiting for it to boot"
-            wait_guest_ready || { tail -20 "$CONSOLE" >&2; return 1; }
+            wait_guest_ready booting || { tail -20 "$CONSOLE" >&2; return 1; }
             svc_set_env libvirt GUEST_BOOT_MS "$(($(svc_time_ms) - t0))"
             log "guest up in $(($(svc_time_ms) - t0)) ms ($(grep -a -m1 -o 'CA-GUEST-READY uptime=[0-9.]*' "$CONSOLE"))"
             return 0

@@ -1,0 +1,487 @@
+/* The snapshot job. It follows nova-compute's ComputeManager.snapshot_instance and the libvirt
+ * driver's snapshot(), with the agent's own pipeline in the middle:
+ *
+ *   image_snapshot_pending → image_snapshot        (expected: pending; snapshot.start sent)
+ *     backend open_view: the point in time (freeze, if the image asks, only around it)
+ *   image_snapshot → image_pending_upload          (the view exists)
+ *     Glance: the image nova-api created must be there; PATCH nova's properties and ours
+ *   image_pending_upload → image_uploading         (bytes start to flow)
+ *     view extents → image encoder (qcow2/raw, holes and zeros never read or sent) → chunked
+ *     PUT /file, hashed on the way and checked against what Glance stored
+ *   image_uploading → None                         (image active; snapshot.end sent)
+ *
+ * Every state change is reported as nova's conductor would (instance.update notifications, per
+ * notify_on_state_change). Failures follow nova's decorators: the image is deleted
+ * (delete_image_on_error), task_state goes back to None (reverts_task_state, except for an
+ * unexpected task state), and the legacy "snapshot_instance" error plus versioned
+ * compute.exception go out (wrap_exception). Two failures are quiet as in nova: the instance
+ * disappearing (its image is deleted unless active, no end notification) and the image being
+ * deleted meanwhile (task_state None, a warning). The view is always closed. */
+
+#include "snapshot.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend.h"
+#include "cleanup.h"
+#include "config.h"
+#include "err.h"
+#include "glance.h"
+#include "imgenc.h"
+#include "log.h"
+#include "notifier.h"
+#include "notify.h"
+#include "request.h"
+#include "task.h"
+#include "util.h"
+
+#define NOTIFY_TIMEOUT_MS 30000
+
+struct job {
+    struct snapshot_env *env;
+    struct rpc_service *rpc;
+    void *backend_h;
+    struct rpc_request *req;
+    struct rpc_notify_options nopts;
+    enum task_state task;
+    struct rpc_instance_state st; /* what notifications say the instance is now */
+    char updated_at[32];
+    char job_id[48];
+    struct timespec t0;
+};
+
+static int64_t
+ms_since(const struct timespec *t0)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (int64_t)(now.tv_sec - t0->tv_sec) * 1000 + (now.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+static void
+stamp_updated_at(struct job *j)
+{
+    time_t t = time(NULL);
+    struct tm tm;
+    gmtime_r(&t, &tm);
+    strftime(j->updated_at, sizeof(j->updated_at), "%Y-%m-%dT%H:%M:%SZ", &tm);
+    j->st.updated_at = j->updated_at;
+}
+
+/* Publish a built batch; a notification that cannot be delivered is logged and the job goes on
+ * (nova's notifier does not fail the operation either). */
+static void
+publish(struct job *j, struct rpc_notification **v, const char *what)
+{
+    struct agent_err err = {0};
+    if (notifier_publish(j->rpc, v, NOTIFY_TIMEOUT_MS, &err) < 0)
+        log_warning(LOG_WORKER, "instance %s: %s notifications not confirmed: %s, ignoring",
+                    j->req->instance->uuid, what, err.msg);
+}
+
+static void
+notify_snapshot(struct job *j, enum rpc_notify_phase phase)
+{
+    _cleanup_(rpc_notification_freevp) struct rpc_notification **v = NULL;
+    struct agent_err err = {0};
+
+    if (rpc_notify_snapshot(&j->nopts, j->req, &j->st, phase, &v, &err) < 0) {
+        log_warning(LOG_WORKER, "instance %s: cannot build snapshot.%s: %s, ignoring",
+                    j->req->instance->uuid, rpc_notify_phase_to_string(phase), err.msg);
+        return;
+    }
+    publish(j, v, phase == RPC_NOTIFY_PHASE_START ? "snapshot.start" : "snapshot.end");
+}
+
+/* Move the task state by event e, check it is legal from where we are (nova's
+ * expected_task_state), and report the change. */
+static int
+transition(struct job *j, enum task_event e, struct agent_err *err)
+{
+    enum task_state next;
+    struct rpc_instance_state old = j->st;
+    _cleanup_(rpc_notification_freevp) struct rpc_notification **v = NULL;
+    struct agent_err nerr = {0};
+
+    if (task_next(j->task, e, &next) < 0)
+        return agent_err_set(err, -EINVAL, "Unexpected task state: expecting a state that allows "
+                             "%s but the actual state is %s", task_event_to_string(e),
+                             task_state_to_string(j->task) ?: "None");
+    j->task = next;
+    j->st.task_state = task_state_to_string(next);
+    stamp_updated_at(j);
+    log_info(LOG_WORKER, "instance %s: task_state %s -> %s", j->req->instance->uuid,
+             old.task_state ?: "None", j->st.task_state ?: "None");
+    if (rpc_notify_instance_update(&j->nopts, j->req, &old, &j->st, &v, &nerr) < 0)
+        log_warning(LOG_WORKER, "instance %s: cannot build instance.update: %s, ignoring",
+                    j->req->instance->uuid, nerr.msg);
+    else
+        publish(j, v, "instance.update");
+    return 0;
+}
+
+static enum quiesce_mode
+quiesce_mode_for(const struct instance *inst)
+{
+    bool b = false;
+    const char *req = instance_system_metadata(inst, "image_os_require_quiesce");
+    const char *ga = instance_system_metadata(inst, "image_hw_qemu_guest_agent");
+
+    if (req && util_parse_bool(req, &b) == 0 && b)
+        return QUIESCE_REQUIRED;
+    if (ga && util_parse_bool(ga, &b) == 0 && b)
+        return QUIESCE_TRY;
+    return QUIESCE_NONE;
+}
+
+/* Source for the Glance upload: pulls encoded bytes. */
+static int
+encoder_read(void *opaque, void *buf, size_t len, size_t *ret_n, struct agent_err *err)
+{
+    return imgenc_read(opaque, buf, len, ret_n, err);
+}
+
+/* What went wrong, as nova's exception classes name it, for the error notifications. */
+static void
+fault_for(int code, const char *msg, struct rpc_notify_fault *f)
+{
+    *f = (struct rpc_notify_fault){
+        .exception = "SnapshotFailed",
+        .exception_module = "compute_agent",
+        .message = msg,
+        .code = 500,
+        .module_name = "nova.compute.manager",
+        .function_name = "snapshot_instance",
+    };
+    if (code == -EINVAL && strstr(msg, "Unexpected task state")) {
+        f->exception = "UnexpectedTaskStateError";
+        f->exception_module = "nova.exception";
+    } else if (code == -EIO && strstr(msg, "quiesce")) {
+        f->exception = "InstanceQuiesceFailed";
+        f->exception_module = "nova.exception";
+        f->code = 409;
+    }
+}
+
+static void
+notify_error(struct job *j, int code, const char *msg)
+{
+    _cleanup_(rpc_notification_freevp) struct rpc_notification **v = NULL;
+    struct rpc_notify_fault f;
+    struct agent_err err = {0};
+
+    fault_for(code, msg, &f);
+    if (rpc_notify_error(&j->nopts, j->req, &j->st, &f, &v, &err) < 0) {
+        log_warning(LOG_WORKER, "instance %s: cannot build the error notifications: %s, ignoring",
+                    j->req->instance->uuid, err.msg);
+        return;
+    }
+    publish(j, v, "error");
+}
+
+static const char *
+consistency_of(const struct view_info *vi)
+{
+    return vi->frozen ? "filesystem" : "crash";
+}
+
+/* After a failed open_view or close_view: let the backend finish the job's leftovers (a thaw it
+ * could not confirm, a job it could not end). */
+static void
+cleanup_leftovers(struct job *j, const struct snap_job *sj)
+{
+    struct agent_err err = {0};
+
+    if (j->env->backend->cleanup_job &&
+        j->env->backend->cleanup_job(j->backend_h, sj, &err) < 0)
+        log_error(LOG_WORKER, "instance %s: snapshot leftovers of job %s not cleaned: %s",
+                  sj->instance_uuid, sj->job_id, err.msg);
+}
+
+/* Steps 2–4: view, metadata, stream. On success the image is active and verified. */
+static int
+take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone,
+                bool *ret_image_gone, struct agent_err *err)
+{
+    const struct snapshot_env *env = j->env;
+    const struct agent_config *cfg = env->cfg;
+    void *bh = j->backend_h;
+    const struct instance *inst = j->req->instance;
+    struct disk_view *view = NULL;
+    struct glance_image img = {0};
+    _cleanup_(imgenc_freep) struct imgenc *enc = NULL;
+    struct glance_upload_result res = {0};
+    struct agent_err cerr = {0};
+    char freeze_ms[32], alloc[32];
+    int r;
+
+    struct snap_job sj = {
+        .job_id = j->job_id,
+        .instance_uuid = inst->uuid,
+        .root_device_name = inst->root_device_name,
+        .quiesce = quiesce_mode_for(inst),
+        .live_snapshot_disabled = cfg->disable_libvirt_livesnapshot,
+        .scratch_dir = cfg->snapshots_directory,
+        .agent_timeout_s = 10,
+    };
+
+    /* The image nova-api created must exist before we take anything. */
+    r = glance_image_get(gc, j->req->image_id, &img, err);
+    if (r == -ENOENT) {
+        *ret_image_gone = true;
+        return r;
+    }
+    if (r < 0)
+        return r;
+    glance_image_release(&img);
+
+    struct timespec tv;
+    clock_gettime(CLOCK_MONOTONIC, &tv);
+    r = env->backend->open_view(bh, &sj, &view, err);
+    if (r < 0) {
+        *ret_instance_gone = r == -ENOENT;
+        /* open_view leaves nothing behind, except a thaw it could not confirm: finish it. */
+        cleanup_leftovers(j, &sj);
+        return r;
+    }
+    log_info(LOG_WORKER, "instance %s: point in time taken via %s in %lld ms (%s%s%s, freeze "
+             "window %lld ms, %llu of %llu bytes allocated)", inst->uuid,
+             view_path_to_string(view->info.path), (long long)ms_since(&tv),
+             quiesce_mode_to_string(sj.quiesce), view->info.path_reason ? ", " : "",
+             view->info.path_reason ?: "", (long long)view->info.freeze_window_ms,
+             (unsigned long long)view->allocated_bytes, (unsigned long long)view->virtual_size);
+    if (view->info.quiesce_error[0])
+        log_warning(LOG_WORKER, "instance %s: filesystems not frozen: %s; the snapshot is "
+                    "crash-consistent", inst->uuid, view->info.quiesce_error);
+
+    r = transition(j, TASK_EV_VIEW_READY, err);
+    if (r < 0)
+        goto out;
+
+    /* The image format: snapshot_image_format, else the disk's own (nova's rule). */
+    enum imgenc_format fmt = IMGENC_FORMAT_QCOW2;
+    if (cfg->snapshot_image_format == SNAPSHOT_FORMAT_RAW ||
+        (cfg->snapshot_image_format == SNAPSHOT_FORMAT_SOURCE &&
+         strcmp(view->info.disk_format, "raw") == 0))
+        fmt = IMGENC_FORMAT_RAW;
+    struct imgenc_options eo = {
+        .virtual_size = view->virtual_size,
+        .extents = view->extents,
+        .n_extents = view->n_extents,
+        .format = fmt,
+        .compress = fmt == IMGENC_FORMAT_QCOW2 && cfg->snapshot_compression,
+        .pread = view->pread,
+        .opaque = view->opaque,
+    };
+    r = imgenc_new(&eo, &enc, err);
+    if (r < 0)
+        goto out;
+
+    snprintf(freeze_ms, sizeof(freeze_ms), "%lld", (long long)view->info.freeze_window_ms);
+    snprintf(alloc, sizeof(alloc), "%llu", (unsigned long long)view->allocated_bytes);
+    /* nova's metadata for a snapshot image (the PATCH in its request flow), then what the agent
+     * records about how the point in time was taken. */
+    const struct glance_prop props[] = {
+        {"image_location", "snapshot"},
+        {"image_state", "available"},
+        {"owner_id", inst->project_id ? inst->project_id : j->req->ctx.project_id},
+        {"disk_format", imgenc_format_to_string(fmt)},
+        {"container_format", "bare"},
+        {"compute_agent_snapshot_path", view_path_to_string(view->info.path)},
+        {"compute_agent_consistency", consistency_of(&view->info)},
+        {"compute_agent_freeze_window_ms", freeze_ms},
+        {"compute_agent_allocated_bytes", alloc},
+    };
+    r = glance_image_update(gc, j->req->image_id, props, ELEMENTSOF(props), err);
+    if (r == -ENOENT)
+        *ret_image_gone = true;
+    if (r < 0)
+        goto out;
+
+    r = transition(j, TASK_EV_UPLOAD_BEGIN, err);
+    if (r < 0)
+        goto out;
+    r = imgenc_prepare(enc, err);
+    if (r < 0)
+        goto out;
+    struct glance_upload_source src = {
+        .read = encoder_read,
+        .opaque = enc,
+        .size = -1, /* chunked, as nova sends it */
+    };
+    clock_gettime(CLOCK_MONOTONIC, &tv);
+    r = glance_image_upload(gc, j->req->image_id, &src, &res, err);
+    if (r == -ENOENT)
+        *ret_image_gone = true;
+    if (r < 0)
+        goto out;
+    struct imgenc_stats es;
+    imgenc_get_stats(enc, &es);
+    log_info(LOG_WORKER, "instance %s: image %s uploaded: %s, %llu bytes sent (%llu read of %llu "
+             "virtual) in %lld ms, %s %.16s…, verified by Glance", inst->uuid, j->req->image_id,
+             imgenc_format_to_string(fmt), (unsigned long long)res.bytes,
+             (unsigned long long)es.data_bytes_read, (unsigned long long)view->virtual_size,
+             (long long)ms_since(&tv), res.os_hash_algo, res.os_hash_value);
+
+out:
+    if (env->backend->close_view(bh, view, &cerr) < 0) {
+        log_error(LOG_WORKER, "instance %s: cleaning up the snapshot view: %s; retrying from "
+                  "the job", inst->uuid, cerr.msg);
+        cleanup_leftovers(j, &sj);
+    } else if (view->info.downtime_ms > 0) {
+        log_info(LOG_WORKER, "instance %s: guest downtime %lld ms (%s)", inst->uuid,
+                 (long long)view->info.downtime_ms, view_path_to_string(view->info.path));
+    }
+    env->backend->free_view(bh, view);
+    return r;
+}
+
+/* nova's delete_image_on_error: the half-made image must not stay behind. */
+static void
+delete_image(struct job *j, struct glance_client *gc)
+{
+    struct agent_err err = {0};
+    int r = glance_image_delete(gc, j->req->image_id, &err);
+
+    if (r < 0 && r != -ENOENT)
+        log_warning(LOG_WORKER, "instance %s: deleting image %s: %s, ignoring",
+                    j->req->instance->uuid, j->req->image_id, err.msg);
+}
+
+/* The backend handle, opened on first use. */
+static int
+backend_handle(struct snapshot_env *env, void **ret_h, struct agent_err *err)
+{
+    int r = 0;
+
+    if (!env->backend)
+        return agent_err_set(err, -EOPNOTSUPP, "[libvirt] images_type = %s is not supported by "
+                             "this agent yet", images_type_to_string(env->cfg->images_type));
+    pthread_mutex_lock(&env->lock);
+    if (!env->backend_h) {
+        struct disk_backend_config bc = {
+            .connection_uri = env->cfg->connection_uri,
+            .ceph_conf = env->cfg->images_rbd_ceph_conf,
+            .rbd_user = env->cfg->rbd_user,
+            .rbd_pool = env->cfg->images_rbd_pool,
+        };
+        r = env->backend->open(&bc, &env->backend_h, err);
+    }
+    *ret_h = env->backend_h;
+    pthread_mutex_unlock(&env->lock);
+    return r;
+}
+
+void
+snapshot_env_release(struct snapshot_env *env)
+{
+    if (env->backend && env->backend_h)
+        env->backend->close(env->backend_h);
+    env->backend_h = NULL;
+}
+
+void
+snapshot_run(struct snapshot_env *env, struct rpc_request *req)
+{
+    struct job j = {.env = env, .req = req};
+    const struct instance *inst = req->instance;
+    _cleanup_(glance_client_freep) struct glance_client *gc = NULL;
+    struct agent_err err = {0};
+    bool instance_gone = false, image_gone = false;
+    int r, ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &j.t0);
+    /* main() sets env->rpc under the lock right after starting the rpc thread, which may hand
+     * us a request before that assignment is visible. */
+    pthread_mutex_lock(&env->lock);
+    j.rpc = env->rpc;
+    pthread_mutex_unlock(&env->lock);
+    notifier_options(env->cfg, &j.nopts);
+    rpc_instance_state_from_request(req, &j.st, NULL);
+    ts = task_state_from_string(inst->task_state);
+    j.task = ts < 0 ? TASK_STATE_MAX : (enum task_state)ts;
+    snprintf(j.job_id, sizeof(j.job_id), "snap-%.36s", req->image_id);
+
+    log_info(LOG_WORKER, "instance %s: snapshot to image %s starting (request %s)", inst->uuid,
+             req->image_id, req->ctx.request_id ?: "-");
+
+    r = glance_client_new(env->cfg->glance_api_servers, env->cfg->glance_num_retries,
+                          req->ctx.auth_token, req->ctx.global_request_id ?: req->ctx.request_id,
+                          &gc, &err);
+    if (r >= 0)
+        r = backend_handle(env, &j.backend_h, &err);
+    if (r < 0) {
+        log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
+                  req->image_id, err.msg);
+        if (gc)
+            delete_image(&j, gc);
+        transition(&j, TASK_EV_FAIL, NULL);
+        notify_error(&j, r, err.msg);
+        goto done;
+    }
+    r = transition(&j, TASK_EV_BEGIN, &err);
+    if (r < 0) {
+        /* Unexpected task state: nova's instance.save(expected_task_state=...) raised; the
+         * image is deleted and the error notifications go out, task_state is left alone. */
+        log_error(LOG_WORKER, "instance %s: snapshot to image %s refused: %s", inst->uuid,
+                  req->image_id, err.msg);
+        delete_image(&j, gc);
+        notify_error(&j, r, err.msg);
+        goto done;
+    }
+    if (inst->power_state != 1)
+        log_warning(LOG_WORKER, "instance %s: trying to snapshot a non-running instance "
+                    "(power_state %d)", inst->uuid, inst->power_state);
+    notify_snapshot(&j, RPC_NOTIFY_PHASE_START);
+
+    r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
+    if (r >= 0) {
+        r = transition(&j, TASK_EV_DONE, &err);
+        notify_snapshot(&j, RPC_NOTIFY_PHASE_END);
+        log_info(LOG_WORKER, "instance %s: snapshot to image %s done in %lld ms", inst->uuid,
+                 req->image_id, (long long)ms_since(&j.t0));
+        goto done;
+    }
+
+    if (instance_gone) {
+        /* nova: "Instance disappeared during snapshot": delete the image unless it is active. */
+        struct glance_image img = {0};
+        struct agent_err gerr = {0};
+        log_info(LOG_WORKER, "instance %s: disappeared during snapshot (%s)", inst->uuid, err.msg);
+        if (glance_image_get(gc, req->image_id, &img, &gerr) == 0 &&
+            img.status != GLANCE_IMAGE_ACTIVE)
+            glance_image_delete(gc, req->image_id, &gerr);
+        glance_image_release(&img);
+        goto done;
+    }
+    if (image_gone) {
+        /* nova: ImageNotFound → task_state None, a warning, no error notification. */
+        log_warning(LOG_WORKER, "instance %s: image %s not found during snapshot: %s",
+                    inst->uuid, req->image_id, err.msg);
+        transition(&j, TASK_EV_FAIL, NULL);
+        goto done;
+    }
+
+    log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
+              req->image_id, err.msg[0] ? err.msg : strerror(-r));
+    delete_image(&j, gc);
+    transition(&j, TASK_EV_FAIL, NULL);
+    notify_error(&j, r, err.msg);
+
+done:
+    rpc_request_free(req);
+}
+
+void
+snapshot_abandon(struct snapshot_env *env, struct rpc_request *req)
+{
+    (void)env;
+    log_warning(LOG_WORKER, "instance %s: snapshot to image %s abandoned: the agent stopped "
+                "before it started", req->instance ? req->instance->uuid : "-",
+                req->image_id ? req->image_id : "-");
+    rpc_request_free(req);
+}

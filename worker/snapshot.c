@@ -21,6 +21,7 @@
 #include "snapshot.h"
 
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -142,7 +143,22 @@ quiesce_mode_for(const struct instance *inst)
 static int
 encoder_read(void *opaque, void *buf, size_t len, size_t *ret_n, struct agent_err *err)
 {
-    return imgenc_read(opaque, buf, len, ret_n, err);
+    int r = imgenc_read(opaque, buf, len, ret_n, err);
+#ifndef NDEBUG
+    /* Test-only (absent from release builds): hold the upload once, after its first bytes, so
+     * integration tests can delete the image or stop Glance mid-upload. */
+    static const char *pause_ms;
+    static bool paused;
+    if (!paused && r >= 0 && imgenc_bytes_out(opaque) > 0 &&
+        (pause_ms = getenv("CA_TEST_UPLOAD_PAUSE_MS"))) {
+        long ms = 0;
+        paused = util_parse_long(pause_ms, 0, 600000, &ms) == 0;
+        struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (ms % 1000) * 1000000L};
+        log_info(LOG_WORKER, "test: upload paused for %ld ms", ms);
+        nanosleep(&ts, NULL);
+    }
+#endif
+    return r;
 }
 
 /* What went wrong, as nova's exception classes name it, for the error notifications. */
@@ -439,6 +455,13 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
     notify_snapshot(&j, RPC_NOTIFY_PHASE_START);
 
     r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
+    if (r < 0 && !instance_gone && !image_gone) {
+        /* A read failing mid-stream may mean the domain went away under us. */
+        struct snap_job sj = {.job_id = j.job_id, .instance_uuid = inst->uuid,
+                              .root_device_name = inst->root_device_name};
+        int o = env->backend->owns(j.backend_h, &sj, NULL);
+        instance_gone = o == 0 || o == -ENOENT;
+    }
     if (r >= 0) {
         r = transition(&j, TASK_EV_DONE, &err);
         notify_snapshot(&j, RPC_NOTIFY_PHASE_END);

@@ -27,7 +27,9 @@ host=snap-$$
 agent_pid=
 listen_pid=
 images=()
+hbw=
 cleanup() {
+    [ -n "$hbw" ] && kill -- -"$hbw" 2>/dev/null
     [ -n "$agent_pid" ] && pid_alive "$agent_pid" && kill -KILL "$agent_pid" 2>/dev/null
     [ -n "$listen_pid" ] && pid_alive "$listen_pid" && kill "$listen_pid" 2>/dev/null
     for i in "${images[@]}"; do curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true; done
@@ -60,8 +62,8 @@ start_agent() { # start_agent NAME [extra ini lines...]
         for l in "$@"; do printf '%s\n' "$l"; done
     } > "$tmp/$name.conf"
     agent_log=$tmp/$name.log
-    "$agent" --config-file "$root/deploy/compute-agent.conf.example" --config-file "$tmp/$name.conf" \
-        > "$agent_log" 2>&1 &
+    env ${AGENT_ENV:-} "$agent" --config-file "$root/deploy/compute-agent.conf.example" \
+        --config-file "$tmp/$name.conf" > "$agent_log" 2>&1 &
     agent_pid=$!
     wait_for 30 "agent ready" grep -q 'ready: connected to RabbitMQ' "$agent_log" \
         || { bad "agent $name not ready"; cat "$agent_log"; return 1; }
@@ -108,7 +110,8 @@ leftovers() { # nothing left behind by the job
     local n
     n=$(find "$tmp/scratch" -mindepth 1 2>/dev/null | wc -l)
     [ "$n" -eq 0 ] && ok "no scratch file left" || bad "scratch dir holds: $(ls "$tmp/scratch")"
-    if virsh_ domjobinfo "$GUEST_NAME" 2>/dev/null | grep -q 'Job type:[[:space:]]*None'; then
+    # An aborted backup job may take a moment to wind down after the view was closed.
+    if wait_for 15 "no libvirt job" sh -c "virsh -c '$LIBVIRT_URI' domjobinfo '$GUEST_NAME' 2>/dev/null | grep -q 'Job type:[[:space:]]*None'"; then
         ok "no libvirt job left"
     elif virsh_ domstate "$GUEST_NAME" | grep -q 'shut off'; then
         ok "no libvirt job (guest shut off)"
@@ -150,11 +153,15 @@ PY
 
 # Host-side arrival times of the guest's heartbeat lines (every 100 ms): the longest gap shows
 # how long the guest stood still.
-hb_watch() { # hb_watch OUT: until killed
-    tail -n0 -F "$GUEST_CONSOLE_LOG" 2>/dev/null | while IFS= read -r l; do
+# It runs in its own session so hb_stop can end the whole pipeline (a tail left behind would keep
+# ctest's output pipe open).
+hb_watch() { # hb_watch OUT: sets hbw
+    setsid bash -c 'tail -n0 -F "$1" 2>/dev/null | while IFS= read -r l; do
         case $l in *CA-HB*) date +%s%3N ;; esac
-    done > "$1"
+    done > "$2"' hb-watch "$GUEST_CONSOLE_LOG" "$1" < /dev/null &
+    hbw=$!
 }
+hb_stop() { kill -- -"$hbw" 2>/dev/null || true; wait "$hbw" 2>/dev/null || true; hbw=; }
 max_gap() { awk 'NR > 1 && $1 - p > m {m = $1 - p} {p = $1} END {print m + 0}' "$1"; }
 
 # ------------------------------------------------------------------------------------------
@@ -162,15 +169,15 @@ max_gap() { awk 'NR > 1 && $1 - p > m {m = $1 - p} {p = $1} END {print m + 0}' "
 start_agent live
 listen "$tmp/n1.jsonl" 12
 img=$(create_image live-1); images+=("$img")
-hb_watch "$tmp/hb.idle" & hbw=$!
+hb_watch "$tmp/hb.idle"
 sleep 4
-kill "$hbw" 2>/dev/null; pkill -P "$hbw" 2>/dev/null || true
+hb_stop
 idle_gap=$(max_gap "$tmp/hb.idle")
-hb_watch "$tmp/hb.snap" & hbw=$!
+hb_watch "$tmp/hb.snap"
 min=$(last_hb)
 cast "$img" --sysmeta image_hw_qemu_guest_agent=yes
 wait_done "$img"
-kill "$hbw" 2>/dev/null; pkill -P "$hbw" 2>/dev/null || true
+hb_stop
 snap_gap=$(max_gap "$tmp/hb.snap")
 log "guest heartbeat: longest gap idle ${idle_gap} ms, during the snapshot ${snap_gap} ms"
 [ "$snap_gap" -gt 0 ] && [ "$snap_gap" -le $((idle_gap * 2 + 300)) ] \
@@ -198,8 +205,8 @@ cast "$img" --task-state None
 wait_done "$img"
 grep -q "snapshot to image $img refused: Unexpected task state" "$agent_log" && ok "unexpected task state refused" \
     || bad "unexpected state: $(grep "$img" "$agent_log" | tail -1)"
-code=$(curl -s -o /dev/null -w '%{http_code}' "$GLANCE_URL/v2/images/$img")
-[ "$code" = 404 ] && ok "its image was deleted" || bad "image still there ($code)"
+gone() { [ "$(curl -s -o /dev/null -w '%{http_code}' "$GLANCE_URL/v2/images/$1")" = 404 ]; }
+wait_for 10 "image deleted" gone "$img" && ok "its image was deleted" || bad "image $img still there"
 wait "$listen_pid" || true
 grep -q '"event_type": "snapshot_instance"' "$tmp/n2.jsonl" && grep -q '"event_type": "compute.exception"' "$tmp/n2.jsonl" \
     && ok "error notifications (legacy + compute.exception)" || bad "error notifications missing"
@@ -245,6 +252,51 @@ la=$(grep -n "snapshot to image $a done" "$agent_log" | cut -d: -f1)
 lb=$(grep -n "snapshot to image $b starting" "$agent_log" | cut -d: -f1)
 [ -n "$la" ] && [ -n "$lb" ] && [ "$lb" -gt "$la" ] && ok "serialized by max_concurrent_snapshots = 1" \
     || bad "not serialized (done a at $la, start b at $lb)"
+
+# 6b. Quiesce required while the guest agent hangs (qemu-ga SIGSTOPped inside the guest for longer
+#     than the agent timeout): the snapshot fails, its image is deleted, the error notifications go
+#     out, and the guest ends thawed.
+listen "$tmp/n6.jsonl" 8
+img=$(create_image hung-agent); images+=("$img")
+virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","p=$(pidof qemu-ga); kill -STOP $p; sleep 14; kill -CONT $p"]}}' > /dev/null
+cast "$img" --sysmeta image_os_require_quiesce=yes --sysmeta image_hw_qemu_guest_agent=yes
+wait_done "$img"
+grep -q "snapshot to image $img failed" "$agent_log" && ok "required quiesce with a hung guest agent fails the snapshot" \
+    || bad "hung agent: $(grep "$img" "$agent_log" | tail -1)"
+wait_for 10 "image deleted" gone "$img" && ok "its image was deleted" || bad "image $img still there"
+wait "$listen_pid" || true
+grep -q '"event_type": "compute.exception"' "$tmp/n6.jsonl" && ok "error notifications sent" || bad "no error notifications"
+grep -q '"new_task_state": null' "$tmp/n6.jsonl" && ok "task_state back to None" || bad "task_state not reset"
+wait_for 30 "qemu-ga back" virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-ping"}' || true
+leftovers
+
+# 6c. The image deleted while it uploads (a test-only pause holds the upload): task_state back to
+#     None, a warning, no error notification — nova's ImageNotFound handling.
+AGENT_ENV=CA_TEST_UPLOAD_PAUSE_MS=4000 start_agent pause
+img=$(create_image deleted-mid-upload); images+=("$img")
+cast "$img"
+wait_for 120 "upload paused" grep -q "test: upload paused" "$agent_log"
+curl -sf -X DELETE "$GLANCE_URL/v2/images/$img" > /dev/null
+wait_done "$img"
+grep -q "image $img not found during snapshot" "$agent_log" && ok "image deleted mid-upload: stopped cleanly" \
+    || bad "deleted mid-upload: $(grep "$img" "$agent_log" | tail -2)"
+grep -q "task_state image_uploading -> None" "$agent_log" && ok "task_state back to None" || bad "no reset to None"
+leftovers
+
+# 6d. Glance stopped while the image uploads: the snapshot fails cleanly and the agent goes on.
+AGENT_ENV=CA_TEST_UPLOAD_PAUSE_MS=4000 start_agent pause2
+img=$(create_image glance-down); images+=("$img")
+cast "$img"
+wait_for 120 "upload paused" grep -q "test: upload paused" "$agent_log"
+"$root/deploy/services/glance.sh" stop > /dev/null 2>&1
+wait_done "$img"
+grep -q "snapshot to image $img failed: glance" "$agent_log" && ok "Glance down mid-upload: snapshot failed with a clear error" \
+    || bad "glance down: $(grep "$img" "$agent_log" | tail -2)"
+pid_alive "$agent_pid" && ok "agent keeps serving" || bad "agent died"
+"$root/deploy/services.sh" up glance > /dev/null 2>&1
+st=$(image_field "$img" status 2>/dev/null || echo gone)
+[ "$st" != active ] && ok "no active image from the failed upload (status: $st)" || bad "image active after a failed upload"
+leftovers
 
 # 7. Cold path: disable_libvirt_livesnapshot on the running guest (managed save, read, restore).
 start_agent cold '[workarounds]' 'disable_libvirt_livesnapshot = True'

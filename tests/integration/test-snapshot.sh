@@ -253,6 +253,18 @@ lb=$(grep -n "snapshot to image $b starting" "$agent_log" | cut -d: -f1)
 [ -n "$la" ] && [ -n "$lb" ] && [ "$lb" -gt "$la" ] && ok "serialized by max_concurrent_snapshots = 1" \
     || bad "not serialized (done a at $la, start b at $lb)"
 
+# 6a. A paused guest: still the live path, and it stays paused (nova snapshots paused guests live).
+virsh_ suspend "$GUEST_NAME" > /dev/null
+min=$(last_hb)
+img=$(create_image paused); images+=("$img")
+cast "$img" --vm-state paused --power-state 3
+wait_done "$img"
+grep -q "snapshot to image $img done" "$agent_log" && ok "paused guest snapshotted" || bad "paused: $(grep "$img" "$agent_log" | tail -1)"
+virsh_ domstate "$GUEST_NAME" | grep -q paused && ok "guest still paused afterwards" || bad "guest state changed: $(virsh_ domstate "$GUEST_NAME")"
+virsh_ resume "$GUEST_NAME" > /dev/null
+verify_image "$img" qcow2 "$min"
+leftovers
+
 # 6b. Quiesce required while the guest agent hangs (qemu-ga SIGSTOPped inside the guest for longer
 #     than the agent timeout): the snapshot fails, its image is deleted, the error notifications go
 #     out, and the guest ends thawed.

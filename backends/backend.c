@@ -30,7 +30,23 @@ static const char *const view_path_table[VIEW_PATH_MAX] = {
     [VIEW_PATH_BLOCKCOPY] = "blockcopy",
     [VIEW_PATH_COLD] = "cold",
     [VIEW_PATH_MANAGEDSAVE] = "managedsave",
+    [VIEW_PATH_RBD_SNAP] = "rbd-snapshot",
+    [VIEW_PATH_DIRECT] = "rbd-direct",
 };
+
+static const char *const flatten_policy_table[FLATTEN_POLICY_MAX] = {
+    [FLATTEN_SYNC] = "sync",
+    [FLATTEN_BACKGROUND] = "background",
+    [FLATTEN_NEVER] = "never",
+};
+
+const char *
+flatten_policy_to_string(enum flatten_policy p)
+{
+    if ((unsigned)p >= FLATTEN_POLICY_MAX)
+        return NULL;
+    return flatten_policy_table[p];
+}
 
 const char *
 view_path_to_string(enum view_path p)

@@ -29,9 +29,22 @@ enum view_path {
     VIEW_PATH_BLOCKCOPY,   /* live fallback: nova's shallow block copy to a delta, then read */
     VIEW_PATH_COLD,        /* guest shut off: its disk chain read directly (qemu-nbd -r) */
     VIEW_PATH_MANAGEDSAVE, /* disable_libvirt_livesnapshot: managed save, read, restore */
+    VIEW_PATH_RBD_SNAP,    /* rbd fallback: an rbd snapshot of the disk, read extent by extent */
+    VIEW_PATH_DIRECT,      /* rbd direct: snapshot + clone into Glance's pool, nothing streamed */
     VIEW_PATH_MAX,
 };
 const char *view_path_to_string(enum view_path p);
+
+struct snap_job;
+
+/* Guest quiesce for a backend that does not own the hypervisor (rbd): the worker hands it the
+ * qcow2 backend's libvirt freeze/thaw. freeze returns 0 and *ret_frozen (filesystems frozen), or
+ * -errno; thaw is idempotent and bounded by the job's agent timeout. */
+struct quiesce_ops {
+    int (*freeze)(void *ctx, const struct snap_job *job, int *ret_frozen, struct agent_err *err);
+    int (*thaw)(void *ctx, const struct snap_job *job, struct agent_err *err);
+    void *ctx;
+};
 
 /* One snapshot as a backend sees it. Borrowed strings, valid for the whole job. */
 struct snap_job {
@@ -42,7 +55,9 @@ struct snap_job {
     bool live_snapshot_disabled;  /* [workarounds] disable_libvirt_livesnapshot */
     const char *scratch_dir;      /* [libvirt] snapshots_directory */
     int agent_timeout_s;          /* bound on every guest-agent command (freeze, thaw) */
+    const struct quiesce_ops *quiesce_ops; /* rbd: how to freeze the guest; NULL: no freeze */
 };
+
 
 /* What a backend reports about the view it made (all filled by open_view). */
 struct view_info {
@@ -58,6 +73,33 @@ struct view_info {
     int64_t setup_ms;          /* freeze + backup begin / block copy to ready + abort / managed
                                 * save: the step that fixes the point in time */
     int64_t map_ms;            /* NBD connect + extent map (block status) */
+};
+
+/* When the clone of a direct (storage-native) snapshot is made independent of the instance disk:
+ * [libvirt] images_rbd_flatten. */
+enum flatten_policy {
+    FLATTEN_SYNC,       /* before the image goes active (nova): time grows with the disk */
+    FLATTEN_BACKGROUND, /* after: the image is active in O(1), flattened later */
+    FLATTEN_NEVER,      /* the image stays a clone of the instance disk's snapshot */
+    FLATTEN_POLICY_MAX,
+};
+const char *flatten_policy_to_string(enum flatten_policy p);
+
+/* Where a direct snapshot goes: Glance's own pool in the same cluster. */
+struct direct_target {
+    const char *image_id; /* the Glance image id: the clone's name */
+    const char *pool;     /* Glance's rbd pool */
+    const char *fsid;     /* Glance's cluster (from an rbd:// location); NULL: assume ours */
+    enum flatten_policy flatten;
+};
+
+struct direct_result {
+    char location[512];     /* rbd://<fsid>/<pool>/<image_id>/snap for Glance */
+    char fsid[64];
+    uint64_t size;          /* bytes, for Glance's size */
+    char parent_snap[128];  /* the temporary snapshot on the instance disk */
+    bool flatten_pending;   /* FLATTEN_BACKGROUND: the worker still has to call flatten() */
+    struct view_info info;  /* freeze facts, timings (path: VIEW_PATH_DIRECT) */
 };
 
 /* A point-in-time view of one disk. The extents cover [0, virtual_size) in order; DATA extents
@@ -114,9 +156,35 @@ struct disk_backend_ops {
      * also while no view of the job exists; returns 0 or the first error (every step is still
      * attempted). Must not run while a view of the same job is open. */
     int (*cleanup_job)(void *h, const struct snap_job *job, struct agent_err *err);
+    /* Optional. Storage-native snapshot straight into the image store (rbd: freeze → snap
+     * create → thaw → protect → clone into t->pool as t->image_id → (flatten if SYNC) → snap
+     * "snap" + protect). -EXDEV: t is another cluster; -EOPNOTSUPP or -EACCES: not possible
+     * here (the worker streams instead). On failure nothing it created is left (rolled back in
+     * the order the storage requires). */
+    int (*direct_snapshot)(void *h, const struct snap_job *job, const struct direct_target *t,
+                           struct direct_result *res, struct agent_err *err);
+    /* Optional (with direct_snapshot). Remove what a successful direct_snapshot made (clone and
+     * its snapshot, the temporary snapshot on the instance disk): the worker's rollback when
+     * registering the image failed. Idempotent. */
+    int (*direct_undo)(void *h, const struct snap_job *job, const struct direct_target *t,
+                       struct agent_err *err);
+    /* Optional (with direct_snapshot). Flatten the clone t->image_id and then remove the
+     * temporary snapshot on the instance disk; progress(ctx, done, total) is called as it goes.
+     * Idempotent and resumable: a flatten interrupted by a restart is finished by calling it
+     * again. */
+    int (*flatten)(void *h, const struct snap_job *job, const struct direct_target *t,
+                   void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
+                   struct agent_err *err);
 };
 
 extern const struct disk_backend_ops qcow2_backend_ops;
+extern const struct disk_backend_ops rbd_backend_ops;
+
+/* The qcow2 backend's libvirt guest quiesce, for other backends (struct quiesce_ops; ctx is the
+ * qcow2 backend handle). */
+int qcow2_guest_freeze(void *ctx, const struct snap_job *job, int *ret_frozen,
+                       struct agent_err *err);
+int qcow2_guest_thaw(void *ctx, const struct snap_job *job, struct agent_err *err);
 
 /* The backend table for a name; NULL if unknown. Refuses (NULL) a table missing a required
  * member. */

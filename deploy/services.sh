@@ -6,7 +6,7 @@
 #   deploy/services.sh status [SERVICE...]       one line per service
 #   deploy/services.sh check [SERVICE...]        health-check only; non-zero if any is down
 #
-# Services: rabbitmq ceph libvirt glance (up --all starts them in this order: glance uses the rbd
+# Services: rabbitmq ceph libvirt glance rbd-guest (up --all starts them in this order: glance uses the rbd
 # store only when ceph is up). State lives under $CA_DEPLOY_DIR (default /var/tmp/compute-agent).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

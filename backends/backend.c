@@ -59,6 +59,7 @@ view_path_to_string(enum view_path p)
 /* Every disk backend linked into the agent. */
 static const struct disk_backend_ops *const backend_table[] = {
     &qcow2_backend_ops,
+    &rbd_backend_ops,
 };
 
 /* A table the worker can drive: every required member present (cleanup_job is optional). */

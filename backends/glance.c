@@ -526,6 +526,23 @@ glance_image_property(const struct glance_image *img, const char *name)
     return json_string_value(json_object_get(img->doc, name));
 }
 
+size_t
+glance_image_location_count(const struct glance_image *img)
+{
+    if (!img || !img->doc)
+        return 0;
+    return json_array_size(json_object_get(img->doc, "locations"));
+}
+
+const char *
+glance_image_location_url(const struct glance_image *img, size_t i)
+{
+    if (!img || !img->doc)
+        return NULL;
+    json_t *loc = json_array_get(json_object_get(img->doc, "locations"), i);
+    return json_string_value(json_object_get(loc, "url"));
+}
+
 /* Fill *ret from Glance's image document; takes doc. */
 static int
 image_from_doc(json_t *doc, struct glance_image *ret, struct agent_err *err)

@@ -98,6 +98,12 @@ void glance_image_release(struct glance_image *img);
  * string. */
 const char *glance_image_property(const struct glance_image *img, const char *name);
 
+/* The image's locations (Glance shows them with show_multiple_locations): how many, and the URL
+ * of location i ("rbd://fsid/pool/image/snap", "file:///…"); borrowed like the other fields,
+ * NULL if i is out of range. */
+size_t glance_image_location_count(const struct glance_image *img);
+const char *glance_image_location_url(const struct glance_image *img, size_t i);
+
 /* A name/value pair for create and update. Core attributes are sent with their schema types:
  * min_disk and min_ram as integers, protected and os_hidden as booleans, the rest as strings.
  * Read-only attributes (id, status, size, checksum, os_hash_*, locations, ...) are -EINVAL.

@@ -1417,6 +1417,88 @@ quiesce_end(virDomainPtr dom, const struct snap_job *job, const char *marker,
     return r;
 }
 
+/* The guest quiesce above, lent to a backend that does not own the hypervisor (rbd: struct
+ * quiesce_ops, ctx = this backend's handle). The caller decides what a failed freeze means, so
+ * the freeze is always attempted (as QUIESCE_TRY) and a skipped one is an error carrying the
+ * reason. The <job>.frozen marker in the job's scratch_dir is kept exactly as for a view: this
+ * backend's cleanup_job thaws a guest a crash left frozen. */
+int
+qcow2_guest_freeze(void *ctx, const struct snap_job *job, int *ret_frozen,
+                   struct agent_err *err)
+{
+    struct qcow2_handle *h = ctx;
+    _cleanup_(conn_unrefp) virConnectPtr conn = NULL;
+    _cleanup_(dom_freep) virDomainPtr dom = NULL;
+    struct snap_job try_job = *job;
+    struct view_info info = {0};
+    struct freeze_state fs = {0};
+    struct job_paths jp;
+    int r;
+
+    r = job_paths_make(job, &jp, err);
+    if (r < 0)
+        return r;
+    if (mkdir(job->scratch_dir, 0755) < 0 && errno != EEXIST) {
+        r = agent_err_set(err, -errno, "qcow2: create %s: %s", job->scratch_dir,
+                          strerror(errno));
+        goto out;
+    }
+    r = handle_conn(h, &conn, err);
+    if (r < 0)
+        goto out;
+    r = domain_lookup(conn, job->instance_uuid, &dom, err);
+    if (r < 0)
+        goto out;
+    try_job.quiesce = QUIESCE_TRY;
+    r = quiesce_freeze(dom, &try_job, jp.frozen, &info, &fs, err);
+    if (r < 0)
+        goto out;
+    if (!fs.frozen) {
+        r = agent_err_set(err, -EIO, "qcow2: freeze filesystems of domain %s: %s",
+                          job->instance_uuid, info.quiesce_error);
+        goto out;
+    }
+    *ret_frozen = info.frozen_count;
+ out:
+    job_paths_free(&jp);
+    return r;
+}
+
+/* Thaw what qcow2_guest_freeze() froze. Idempotent: without the job's frozen marker nothing of
+ * ours is frozen; a domain that is gone has nothing to thaw. */
+int
+qcow2_guest_thaw(void *ctx, const struct snap_job *job, struct agent_err *err)
+{
+    struct qcow2_handle *h = ctx;
+    _cleanup_(conn_unrefp) virConnectPtr conn = NULL;
+    _cleanup_(dom_freep) virDomainPtr dom = NULL;
+    struct job_paths jp;
+    int r;
+
+    r = job_paths_make(job, &jp, err);
+    if (r < 0)
+        return r;
+    if (!file_exists(jp.frozen))
+        goto out;
+    r = handle_conn(h, &conn, err);
+    if (r < 0)
+        goto out;
+    r = domain_lookup(conn, job->instance_uuid, &dom, NULL);
+    if (r == -ENOENT) {
+        r = unlink_gone(jp.frozen);
+        goto out;
+    }
+    if (r < 0) {
+        r = libvirt_fail(err, "look up domain %s", job->instance_uuid);
+        goto out;
+    }
+    /* Like quiesce_end(): the freeze was answered, a thaw that times out is retried. */
+    r = quiesce_thaw(dom, jp.frozen, agent_timeout(job->agent_timeout_s), true, err);
+ out:
+    job_paths_free(&jp);
+    return r;
+}
+
 /* ---- cleanup: what a job may have left, found from the job alone -------------------------- */
 
 enum {

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "backend.h"
 #include "cleanup.h"
 #include "err.h"
 #include "log.h"
@@ -65,6 +66,13 @@ static const struct choice snapshot_format_choices[] = {
     {"", SNAPSHOT_FORMAT_SOURCE},
     {"raw", SNAPSHOT_FORMAT_RAW},
     {"qcow2", SNAPSHOT_FORMAT_QCOW2},
+    {NULL, 0},
+};
+
+static const struct choice flatten_choices[] = {
+    {"sync", FLATTEN_SYNC},
+    {"background", FLATTEN_BACKGROUND},
+    {"never", FLATTEN_NEVER},
     {NULL, 0},
 };
 
@@ -141,6 +149,17 @@ static const struct option options[] = {
       "Compress qcow2 snapshot images"),
     O("libvirt", "snapshots_directory", OPT_STR, snapshots_directory,
       "$instances_path/snapshots", "Scratch space for live snapshots"),
+
+    O("libvirt", "images_rbd_glance_pool", OPT_STR, images_rbd_glance_pool, "",
+      "Glance's rbd pool in this Ceph cluster, for direct snapshots when the base image has no "
+      "rbd location to take it from (empty: only from the base image, as nova)"),
+    {.info = {"libvirt", "images_rbd_flatten", NULL, "background",
+              "Direct rbd snapshots: flatten the clone before the image goes active (sync, "
+              "nova's way), after it (background), or never",
+              false},
+     .type = OPT_CHOICE,
+     .offset = OFF(images_rbd_flatten),
+     .choices = flatten_choices},
 
     O("workarounds", "disable_libvirt_livesnapshot", OPT_BOOL, disable_libvirt_livesnapshot,
       "False", "Snapshot running guests cold (managed save, read, restore)"),

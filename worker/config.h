@@ -58,6 +58,8 @@ struct agent_config {
     enum snapshot_format snapshot_image_format;
     bool snapshot_compression;
     char *snapshots_directory;
+    char *images_rbd_glance_pool; /* Glance's rbd pool when no base image location names it */
+    int images_rbd_flatten;       /* enum flatten_policy (backends/backend.h) */
 
     /* [workarounds] */
     bool disable_libvirt_livesnapshot;

@@ -257,6 +257,8 @@ main(int argc, char **argv)
     };
     ll.env.cfg = cfg;
     ll.env.backend = backend_lookup(images_type_to_string(cfg->images_type));
+    if (cfg->images_type == IMAGES_TYPE_RBD)
+        ll.env.quiesce_backend = backend_lookup("qcow2"); /* libvirt, for freeze/thaw */
     pthread_mutex_init(&ll.env.lock, NULL);
     if (!ll.env.backend)
         log_error(LOG_MAIN, "[libvirt] images_type = %s is not supported yet: snapshots will "

@@ -46,6 +46,9 @@ struct job {
     struct snapshot_env *env;
     struct rpc_service *rpc;
     void *backend_h;
+    struct quiesce_ops qops;
+    const struct quiesce_ops *quiesce_ops; /* NULL or &qops */
+    char path_note[160]; /* why the direct path did not run, for the image */
     struct rpc_request *req;
     struct rpc_notify_options nopts;
     enum task_state task;
@@ -243,6 +246,7 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
         .live_snapshot_disabled = cfg->disable_libvirt_livesnapshot,
         .scratch_dir = cfg->snapshots_directory,
         .agent_timeout_s = 10,
+        .quiesce_ops = j->quiesce_ops,
     };
 
     /* The image nova-api created must exist before we take anything. */
@@ -356,6 +360,157 @@ out:
     return r;
 }
 
+/* rbd://<fsid>/<pool>/<image>/<snap> → fsid and pool; false for anything else. */
+static bool
+parse_rbd_url(const char *url, char *fsid, size_t fsz, char *pool, size_t psz)
+{
+    const char *p, *slash;
+
+    if (!url || strncmp(url, "rbd://", 6) != 0)
+        return false;
+    p = url + 6;
+    slash = strchr(p, '/');
+    if (!slash || slash == p || (size_t)(slash - p) >= fsz)
+        return false;
+    snprintf(fsid, fsz, "%.*s", (int)(slash - p), p);
+    p = slash + 1;
+    slash = strchr(p, '/');
+    if (!slash || slash == p || (size_t)(slash - p) >= psz || !strchr(slash + 1, '/'))
+        return false;
+    snprintf(pool, psz, "%.*s", (int)(slash - p), p);
+    return true;
+}
+
+static void
+flatten_progress(void *ctx, uint64_t done, uint64_t total)
+{
+    struct job *j = ctx;
+    static __thread int last_decile = -1;
+    int decile = total ? (int)(done * 10 / total) : 10;
+
+    if (decile != last_decile) {
+        last_decile = decile;
+        log_info(LOG_WORKER, "instance %s: flattening image %s: %d%%", j->req->instance->uuid,
+                 j->req->image_id, decile * 10);
+    }
+}
+
+/* The direct path (rbd): snapshot + clone into Glance's pool and register the clone as the
+ * image's location; nothing is streamed. Sets *ret_tried false when it cannot apply here (Glance
+ * elsewhere, no permission, no target pool known): the caller streams instead. On success,
+ * *ret_flatten says a background flatten is still due. */
+static int
+try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_instance_gone,
+           bool *ret_image_gone, struct direct_target *t, struct snap_job *sj, bool *ret_flatten,
+           struct agent_err *err)
+{
+    const struct snapshot_env *env = j->env;
+    const struct agent_config *cfg = env->cfg;
+    const struct instance *inst = j->req->instance;
+    static __thread char fsid[64], pool[128];
+    struct glance_image base = {0}, img = {0};
+    struct direct_result res = {0};
+    struct agent_err gerr = {0};
+    const char *base_id = instance_system_metadata(inst, "image_base_image_ref");
+    int r;
+
+    *ret_tried = false;
+    if (!base_id || !*base_id)
+        base_id = inst->image_ref;
+    fsid[0] = pool[0] = '\0';
+    /* Glance's pool, as nova finds it: from the base image's rbd location. */
+    if (base_id && *base_id && glance_image_get(gc, base_id, &base, &gerr) == 0) {
+        for (size_t i = 0; i < glance_image_location_count(&base) && !pool[0]; i++)
+            if (!parse_rbd_url(glance_image_location_url(&base, i), fsid, sizeof(fsid), pool,
+                               sizeof(pool)))
+                fsid[0] = pool[0] = '\0';
+        glance_image_release(&base);
+    }
+    if (!pool[0] && !util_isempty(cfg->images_rbd_glance_pool))
+        snprintf(pool, sizeof(pool), "%s", cfg->images_rbd_glance_pool);
+    if (!pool[0]) {
+        snprintf(j->path_note, sizeof(j->path_note), "no rbd location on base image %s and "
+                 "images_rbd_glance_pool unset", base_id ? base_id : "(none)");
+        return 0;
+    }
+    *t = (struct direct_target){
+        .image_id = j->req->image_id,
+        .pool = pool,
+        .fsid = fsid[0] ? fsid : NULL,
+        .flatten = (enum flatten_policy)cfg->images_rbd_flatten,
+    };
+
+    r = glance_image_get(gc, j->req->image_id, &img, err);
+    glance_image_release(&img);
+    if (r < 0) {
+        *ret_tried = true;
+        *ret_image_gone = r == -ENOENT;
+        return r;
+    }
+
+    struct timespec tv;
+    clock_gettime(CLOCK_MONOTONIC, &tv);
+    r = env->backend->direct_snapshot(j->backend_h, sj, t, &res, err);
+    if (r == -EXDEV || r == -EOPNOTSUPP || r == -EACCES || r == -EPERM) {
+        snprintf(j->path_note, sizeof(j->path_note), "%s", err->msg);
+        agent_err_clear(err);
+        return 0;
+    }
+    *ret_tried = true;
+    if (r < 0) {
+        *ret_instance_gone = r == -ENOENT;
+        return r;
+    }
+    log_info(LOG_WORKER, "instance %s: point in time taken via %s in %lld ms (clone %s/%s, "
+             "flatten %s, freeze window %lld ms)", inst->uuid, view_path_to_string(res.info.path),
+             (long long)ms_since(&tv), pool, j->req->image_id, flatten_policy_to_string(t->flatten),
+             (long long)res.info.freeze_window_ms);
+    if (res.info.quiesce_error[0])
+        log_warning(LOG_WORKER, "instance %s: filesystems not frozen: %s; the snapshot is "
+                    "crash-consistent", inst->uuid, res.info.quiesce_error);
+
+    r = transition(j, TASK_EV_VIEW_READY, err);
+    if (r >= 0)
+        r = transition(j, TASK_EV_UPLOAD_BEGIN, err);
+    char freeze_ms[32];
+    snprintf(freeze_ms, sizeof(freeze_ms), "%lld", (long long)res.info.freeze_window_ms);
+    const struct glance_prop props[] = {
+        {"image_location", "snapshot"},
+        {"image_state", "available"},
+        {"owner_id", inst->project_id ? inst->project_id : j->req->ctx.project_id},
+        {"disk_format", "raw"},
+        {"container_format", "bare"},
+        {"compute_agent_snapshot_path", view_path_to_string(res.info.path)},
+        {"compute_agent_consistency", consistency_of(&res.info)},
+        {"compute_agent_freeze_window_ms", freeze_ms},
+        {"compute_agent_rbd_flatten", flatten_policy_to_string(t->flatten)},
+    };
+    if (r >= 0)
+        r = glance_image_update(gc, j->req->image_id, props, ELEMENTSOF(props), err);
+    /* Glance reads the size from RBD and the image goes active with its location. */
+    if (r >= 0)
+        r = glance_image_add_location(gc, j->req->image_id, res.location, "{}", err);
+    if (r >= 0) {
+        r = glance_image_get(gc, j->req->image_id, &img, err);
+        if (r >= 0 && img.status != GLANCE_IMAGE_ACTIVE)
+            r = agent_err_set(err, -EIO, "glance: image %s is %s after adding its location",
+                              j->req->image_id, img.status_text ? img.status_text : "?");
+        glance_image_release(&img);
+    }
+    if (r < 0) {
+        struct agent_err uerr = {0};
+        *ret_image_gone = r == -ENOENT;
+        if (env->backend->direct_undo(j->backend_h, sj, t, &uerr) < 0)
+            log_error(LOG_WORKER, "instance %s: removing the clone of image %s: %s",
+                      inst->uuid, j->req->image_id, uerr.msg);
+        return r;
+    }
+    log_info(LOG_WORKER, "instance %s: image %s registered at %s (%llu bytes, nothing streamed)",
+             inst->uuid, j->req->image_id, res.location, (unsigned long long)res.size);
+    *ret_flatten = res.flatten_pending;
+    return 0;
+}
+
 /* nova's delete_image_on_error: the half-made image must not stay behind. */
 static void
 delete_image(struct job *j, struct glance_client *gc)
@@ -387,6 +542,13 @@ backend_handle(struct snapshot_env *env, void **ret_h, struct agent_err *err)
         };
         r = env->backend->open(&bc, &env->backend_h, err);
     }
+    if (r >= 0 && env->quiesce_backend && !env->quiesce_h) {
+        struct disk_backend_config lc = {.connection_uri = env->cfg->connection_uri};
+        struct agent_err lerr = {0};
+        /* Without libvirt the snapshot can still be taken, only not quiesced. */
+        if (env->quiesce_backend->open(&lc, &env->quiesce_h, &lerr) < 0)
+            log_warning(LOG_WORKER, "libvirt for guest quiesce: %s, ignoring", lerr.msg);
+    }
     *ret_h = env->backend_h;
     pthread_mutex_unlock(&env->lock);
     return r;
@@ -397,7 +559,9 @@ snapshot_env_release(struct snapshot_env *env)
 {
     if (env->backend && env->backend_h)
         env->backend->close(env->backend_h);
-    env->backend_h = NULL;
+    if (env->quiesce_backend && env->quiesce_h)
+        env->quiesce_backend->close(env->quiesce_h);
+    env->backend_h = env->quiesce_h = NULL;
 }
 
 void
@@ -430,6 +594,10 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
                           &gc, &err);
     if (r >= 0)
         r = backend_handle(env, &j.backend_h, &err);
+    if (r >= 0 && env->quiesce_h) {
+        j.qops = (struct quiesce_ops){qcow2_guest_freeze, qcow2_guest_thaw, env->quiesce_h};
+        j.quiesce_ops = &j.qops;
+    }
     if (r < 0) {
         log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
                   req->image_id, err.msg);
@@ -454,7 +622,26 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
                     "(power_state %d)", inst->uuid, inst->power_state);
     notify_snapshot(&j, RPC_NOTIFY_PHASE_START);
 
-    r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
+    bool tried_direct = false, flatten_due = false;
+    struct direct_target dt = {0};
+    struct snap_job dsj = {
+        .job_id = j.job_id,
+        .instance_uuid = inst->uuid,
+        .root_device_name = inst->root_device_name,
+        .quiesce = quiesce_mode_for(inst),
+        .scratch_dir = env->cfg->snapshots_directory,
+        .agent_timeout_s = 10,
+        .quiesce_ops = j.quiesce_ops,
+    };
+    if (env->backend->direct_snapshot) {
+        r = try_direct(&j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &dsj,
+                       &flatten_due, &err);
+        if (!tried_direct)
+            log_info(LOG_WORKER, "instance %s: direct snapshot not possible (%s): streaming the "
+                     "image instead", inst->uuid, j.path_note);
+    }
+    if (!tried_direct)
+        r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
     if (r < 0 && !instance_gone && !image_gone) {
         /* A read failing mid-stream may mean the domain went away under us. */
         struct snap_job sj = {.job_id = j.job_id, .instance_uuid = inst->uuid,
@@ -467,6 +654,20 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
         notify_snapshot(&j, RPC_NOTIFY_PHASE_END);
         log_info(LOG_WORKER, "instance %s: snapshot to image %s done in %lld ms", inst->uuid,
                  req->image_id, (long long)ms_since(&j.t0));
+        if (flatten_due) {
+            /* The image is active already; make the clone independent of the instance disk
+             * and drop the temporary snapshot. A failure leaves a working image (still a
+             * clone): logged, retried by the next start once the journal records it. */
+            struct timespec tf;
+            struct agent_err ferr = {0};
+            clock_gettime(CLOCK_MONOTONIC, &tf);
+            if (env->backend->flatten(j.backend_h, &dsj, &dt, flatten_progress, &j, &ferr) < 0)
+                log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s",
+                          inst->uuid, req->image_id, ferr.msg);
+            else
+                log_info(LOG_WORKER, "instance %s: image %s flattened in %lld ms, temporary "
+                         "snapshot removed", inst->uuid, req->image_id, (long long)ms_since(&tf));
+        }
         goto done;
     }
 

@@ -16,6 +16,9 @@ struct snapshot_env {
     const struct disk_backend_ops *backend; /* NULL: images_type not supported */
     pthread_mutex_t lock;
     void *backend_h;
+    /* images_type = rbd: the libvirt side (qcow2 backend) only for guest freeze/thaw. */
+    const struct disk_backend_ops *quiesce_backend;
+    void *quiesce_h;
 };
 
 /* Close the backend handle if a job opened it. */

@@ -34,7 +34,7 @@ cleanup() {
     [ -n "$listen_pid" ] && pid_alive "$listen_pid" && kill "$listen_pid" 2>/dev/null
     for i in "${images[@]}"; do curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true; done
     [ -n "${RABBITMQCTL:-}" ] && $RABBITMQCTL delete_queue "compute.$host" > /dev/null 2>&1
-    virsh -c "$LIBVIRT_URI" domstate "$GUEST_NAME" 2>/dev/null | grep -q running \
+    [ "$(virsh -c "$LIBVIRT_URI" domstate "$GUEST_NAME" 2>/dev/null | head -1)" = running ] \
         || "$root/deploy/services.sh" up libvirt > /dev/null 2>&1 || true
     rm -rf "$tmp"
 }
@@ -113,12 +113,12 @@ leftovers() { # nothing left behind by the job
     # An aborted backup job may take a moment to wind down after the view was closed.
     if wait_for 15 "no libvirt job" sh -c "virsh -c '$LIBVIRT_URI' domjobinfo '$GUEST_NAME' 2>/dev/null | grep -q 'Job type:[[:space:]]*None'"; then
         ok "no libvirt job left"
-    elif virsh_ domstate "$GUEST_NAME" | grep -q 'shut off'; then
+    elif [ "$(virsh_ domstate "$GUEST_NAME" | head -1)" = 'shut off' ]; then
         ok "no libvirt job (guest shut off)"
     else
         bad "libvirt job left: $(virsh_ domjobinfo "$GUEST_NAME" | head -2 | tr '\n' ' ')"
     fi
-    if virsh_ domstate "$GUEST_NAME" | grep -q running; then
+    if [ "$(virsh_ domstate "$GUEST_NAME" | head -1)" = running ]; then
         st=$(virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-fsfreeze-status"}' 2>&1 || true)
         grep -q thawed <<<"$st" && ok "guest filesystems thawed" || bad "fsfreeze status: $st"
     fi
@@ -260,7 +260,7 @@ img=$(create_image paused); images+=("$img")
 cast "$img" --vm-state paused --power-state 3
 wait_done "$img"
 grep -q "snapshot to image $img done" "$agent_log" && ok "paused guest snapshotted" || bad "paused: $(grep "$img" "$agent_log" | tail -1)"
-virsh_ domstate "$GUEST_NAME" | grep -q paused && ok "guest still paused afterwards" || bad "guest state changed: $(virsh_ domstate "$GUEST_NAME")"
+[ "$(virsh_ domstate "$GUEST_NAME" | head -1)" = paused ] && ok "guest still paused afterwards" || bad "guest state changed: $(virsh_ domstate "$GUEST_NAME")"
 virsh_ resume "$GUEST_NAME" > /dev/null
 verify_image "$img" qcow2 "$min"
 leftovers
@@ -320,7 +320,7 @@ grep -q "point in time taken via managedsave" "$agent_log" && ok "managedsave pa
 grep -q "guest downtime [0-9]* ms (managedsave)" "$agent_log" && ok "$(grep -o 'guest downtime [0-9]* ms' "$agent_log" | tail -1)" \
     || bad "no downtime report"
 verify_image "$img" qcow2 "$min"
-virsh_ domstate "$GUEST_NAME" | grep -q running && ok "guest running again" || bad "guest not running after managedsave"
+[ "$(virsh_ domstate "$GUEST_NAME" | head -1)" = running ] && ok "guest running again" || bad "guest not running after managedsave"
 leftovers
 
 # 8. Shut-off guest: read its disk chain directly.

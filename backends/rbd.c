@@ -1163,12 +1163,15 @@ cephrbd_flatten(void *hv, const struct snap_job *job, const struct direct_target
     r = ioctx_open(h, h->pool, &sio, err);
     if (r < 0)
         goto cleanup;
-    r = ioctx_open(h, t->pool, &dio, err);
-    if (r < 0)
+    r = rados_ioctx_create(h->cluster, t->pool, &dio);
+    if (r < 0 && r != -ENOENT) {
+        ceph_fail(err, r, "open pool '%s'", t->pool);
         goto cleanup;
-    r = rbd_open(dio, t->image_id, &cl, NULL);
+    }
+    if (r == 0)
+        r = rbd_open(dio, t->image_id, &cl, NULL);
     if (r == -ENOENT) {
-        /* The image was deleted meanwhile: only the parent snapshot is left to remove. */
+        /* The image (or its pool) was deleted meanwhile: only the parent snapshot is left. */
         log_debug(LOG_RBD, "job %s: clone %s/%s is gone, nothing to flatten", job->job_id,
                   t->pool, t->image_id);
         r = 0;

@@ -119,6 +119,9 @@ grep -q "point in time taken via rbd-direct" "$agent_log" && ok "direct path ran
 loc=$(image_json "$img" | $py -c 'import json,sys; d=json.load(sys.stdin); print((d.get("locations") or [{}])[0].get("url"))')
 [ "$loc" = "rbd://$CEPH_FSID/images/$img/snap" ] && ok "location $loc" || bad "location '$loc'"
 [ "$(image_field "$img" status)" = active ] && ok "image active" || bad "image $(image_field "$img" status)"
+[ "$(image_field "$img" compute_agent_consistency)" = filesystem ] \
+    && ok "guest filesystems frozen for the rbd snapshot (freeze window $(image_field "$img" compute_agent_freeze_window_ms) ms)" \
+    || bad "not quiesced: $(grep 'not frozen' "$agent_log" | tail -1)"
 check_clone "$img" "$min"
 wait_for 120 "flatten" grep -q "image $img flattened" "$agent_log" && ok "background flatten finished" || bad "no flatten: $(grep "$img" "$agent_log" | tail -1)"
 rbdc info "images/$img" | grep -q parent && bad "clone still has a parent" || ok "clone independent of the instance disk"

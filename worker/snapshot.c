@@ -315,6 +315,8 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
         {"compute_agent_consistency", consistency_of(&view->info)},
         {"compute_agent_freeze_window_ms", freeze_ms},
         {"compute_agent_allocated_bytes", alloc},
+        /* Why a storage-native (direct) snapshot did not run, when one was considered. */
+        {"compute_agent_snapshot_path_reason", j->path_note[0] ? j->path_note : NULL},
     };
     r = glance_image_update(gc, j->req->image_id, props, ELEMENTSOF(props), err);
     if (r == -ENOENT)

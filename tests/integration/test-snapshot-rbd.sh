@@ -179,6 +179,8 @@ gap=$(max_gap "$tmp/hb.stream")
 grep -q "direct snapshot not possible" "$agent_log" && grep -q "point in time taken via rbd-snapshot" "$agent_log" \
     && ok "fallback streams the rbd snapshot" || bad "fallback: $(grep 'point in time\|not possible' "$agent_log" | tail -2)"
 [ "$(image_field "$img" disk_format)" = raw ] && ok "streamed image is raw" || bad "format $(image_field "$img" disk_format)"
+why=$(image_field "$img" compute_agent_snapshot_path_reason)
+[ -n "$why" ] && [ "$why" != None ] && ok "the image records why it was streamed: $why" || bad "no path reason on the image"
 curl -sf "$GLANCE_URL/v2/images/$img/file" -o "$tmp/stream.raw"
 out=$("$check" -f raw -m "$min" "$tmp/stream.raw" 2>&1) && ok "streamed image consistent: $out" || bad "checker: $out"
 rm -f "$tmp/stream.raw"

@@ -138,13 +138,13 @@ verify_image() { # verify_image IMAGE_ID FORMAT MIN_SEQ
     rm -f "$tmp/img.$fmt"
 }
 
-states_seen() { # the task_state walk in the legacy instance.update notifications
-    $py - "$1" <<'PY'
+states_seen() { # the task_state walk in this agent's legacy instance.update notifications
+    $py - "$1" "compute.$host" <<'PY'
 import json, sys
 walk = []
 for l in open(sys.argv[1]):
     r = json.loads(l)
-    if r['event_type'] == 'compute.instance.update':
+    if r['event_type'] == 'compute.instance.update' and r['publisher_id'] == sys.argv[2]:
         p = r['payload']
         walk.append('%s>%s' % (p.get('old_task_state'), p.get('new_task_state')))
 print(' '.join(walk))
@@ -271,6 +271,9 @@ leftovers
 listen "$tmp/n6.jsonl" 8
 img=$(create_image hung-agent); images+=("$img")
 virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","p=$(pidof qemu-ga); kill -STOP $p; sleep 14; kill -CONT $p"]}}' > /dev/null
+# The guest-exec'd shell runs asynchronously: cast only once the agent really stopped answering.
+agent_silent() { ! virsh_ qemu-agent-command --timeout 1 "$GUEST_NAME" '{"execute":"guest-ping"}' > /dev/null 2>&1; }
+wait_for 10 "qemu-ga to stop answering" agent_silent || bad "qemu-ga kept answering"
 cast "$img" --sysmeta image_os_require_quiesce=yes --sysmeta image_hw_qemu_guest_agent=yes
 wait_done "$img"
 grep -q "snapshot to image $img failed" "$agent_log" && ok "required quiesce with a hung guest agent fails the snapshot" \

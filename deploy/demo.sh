@@ -82,6 +82,8 @@ $py - "$demo_dir/notifications.jsonl" <<'PY'
 import json, sys
 for l in open(sys.argv[1]):
     r = json.loads(l)
+    if not r['publisher_id'].endswith(':demo-compute') and r['publisher_id'] != 'compute.demo-compute':
+        continue  # another agent on the same bus
     p = r['payload']
     extra = ''
     if r['event_type'] == 'compute.instance.update':
@@ -108,4 +110,5 @@ qemu-img check "$demo_dir/image.qcow2" | sed 's/^/  /'
 "$check" -f qcow2 -m "$min_seq" "$demo_dir/image.qcow2" | sed 's/^/  /'
 rm -f "$demo_dir/image.qcow2"
 echo
-echo "Agent pid $(svc_pid demo agent) (log $demo_dir/agent.log); stop everything: $root/deploy/services.sh down"
+echo "Agent pid $(svc_pid demo agent) (log $demo_dir/agent.log): stop it with kill $(svc_pid demo agent);"
+echo "stop the services with $root/deploy/services.sh down"

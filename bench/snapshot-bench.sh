@@ -266,8 +266,8 @@ attempt() {
     img=$(create_image "bench-${gib}g-$n") || { log "cannot create an image in Glance"; return 1; }
     images+=("$img")
     r=$bench/run-$gib-$n
-    hb_watch "$r.hb" & hbw=$!
-    tmp_sample "$r.tmp" & smp=$!
+    hb_watch "$r.hb" 2> /dev/null & hbw=$!
+    tmp_sample "$r.tmp" 2> /dev/null & smp=$!
     sleep "$idle_s"
     if ! $py "$client" cast --config "$bench/oslo.conf" --host "$host" --instance-uuid "$UUID" \
             --image-id "$img" --sysmeta image_hw_qemu_guest_agent=yes > "$r.cast" 2>&1; then

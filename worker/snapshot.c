@@ -49,6 +49,7 @@ struct job {
     struct quiesce_ops qops;
     const struct quiesce_ops *quiesce_ops; /* NULL or &qops */
     char path_note[160]; /* why the direct path did not run, for the image */
+    struct snap_job sj;  /* the job as the backends see it, filled once quiesce_ops is known */
     struct rpc_request *req;
     struct rpc_notify_options nopts;
     enum task_state task;
@@ -238,16 +239,7 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
     char freeze_ms[32], alloc[32];
     int r;
 
-    struct snap_job sj = {
-        .job_id = j->job_id,
-        .instance_uuid = inst->uuid,
-        .root_device_name = inst->root_device_name,
-        .quiesce = quiesce_mode_for(inst),
-        .live_snapshot_disabled = cfg->disable_libvirt_livesnapshot,
-        .scratch_dir = cfg->snapshots_directory,
-        .agent_timeout_s = 10,
-        .quiesce_ops = j->quiesce_ops,
-    };
+    const struct snap_job *sjp = &j->sj;
 
     /* The image nova-api created must exist before we take anything. */
     r = glance_image_get(gc, j->req->image_id, &img, err);
@@ -261,17 +253,17 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
 
     struct timespec tv;
     clock_gettime(CLOCK_MONOTONIC, &tv);
-    r = env->backend->open_view(bh, &sj, &view, err);
+    r = env->backend->open_view(bh, sjp, &view, err);
     if (r < 0) {
         *ret_instance_gone = r == -ENOENT;
         /* open_view leaves nothing behind, except a thaw it could not confirm: finish it. */
-        cleanup_leftovers(j, &sj);
+        cleanup_leftovers(j, sjp);
         return r;
     }
     log_info(LOG_WORKER, "instance %s: point in time taken via %s in %lld ms (%s%s%s, freeze "
              "window %lld ms, %llu of %llu bytes allocated)", inst->uuid,
              view_path_to_string(view->info.path), (long long)ms_since(&tv),
-             quiesce_mode_to_string(sj.quiesce), view->info.path_reason ? ", " : "",
+             quiesce_mode_to_string(sjp->quiesce), view->info.path_reason ? ", " : "",
              view->info.path_reason ?: "", (long long)view->info.freeze_window_ms,
              (unsigned long long)view->allocated_bytes, (unsigned long long)view->virtual_size);
     if (view->info.quiesce_error[0])
@@ -353,7 +345,7 @@ out:
     if (env->backend->close_view(bh, view, &cerr) < 0) {
         log_error(LOG_WORKER, "instance %s: cleaning up the snapshot view: %s; retrying from "
                   "the job", inst->uuid, cerr.msg);
-        cleanup_leftovers(j, &sj);
+        cleanup_leftovers(j, sjp);
     } else if (view->info.downtime_ms > 0) {
         log_info(LOG_WORKER, "instance %s: guest downtime %lld ms (%s)", inst->uuid,
                  (long long)view->info.downtime_ms, view_path_to_string(view->info.path));
@@ -600,6 +592,16 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
         j.qops = (struct quiesce_ops){qcow2_guest_freeze, qcow2_guest_thaw, env->quiesce_h};
         j.quiesce_ops = &j.qops;
     }
+    j.sj = (struct snap_job){
+        .job_id = j.job_id,
+        .instance_uuid = inst->uuid,
+        .root_device_name = inst->root_device_name,
+        .quiesce = quiesce_mode_for(inst),
+        .live_snapshot_disabled = env->cfg->disable_libvirt_livesnapshot,
+        .scratch_dir = env->cfg->snapshots_directory,
+        .agent_timeout_s = 10,
+        .quiesce_ops = j.quiesce_ops,
+    };
     if (r < 0) {
         log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
                   req->image_id, err.msg);
@@ -626,17 +628,8 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
 
     bool tried_direct = false, flatten_due = false;
     struct direct_target dt = {0};
-    struct snap_job dsj = {
-        .job_id = j.job_id,
-        .instance_uuid = inst->uuid,
-        .root_device_name = inst->root_device_name,
-        .quiesce = quiesce_mode_for(inst),
-        .scratch_dir = env->cfg->snapshots_directory,
-        .agent_timeout_s = 10,
-        .quiesce_ops = j.quiesce_ops,
-    };
     if (env->backend->direct_snapshot) {
-        r = try_direct(&j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &dsj,
+        r = try_direct(&j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &j.sj,
                        &flatten_due, &err);
         if (!tried_direct)
             log_info(LOG_WORKER, "instance %s: direct snapshot not possible (%s): streaming the "
@@ -646,9 +639,7 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
         r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
     if (r < 0 && !instance_gone && !image_gone) {
         /* A read failing mid-stream may mean the domain went away under us. */
-        struct snap_job sj = {.job_id = j.job_id, .instance_uuid = inst->uuid,
-                              .root_device_name = inst->root_device_name};
-        int o = env->backend->owns(j.backend_h, &sj, NULL);
+        int o = env->backend->owns(j.backend_h, &j.sj, NULL);
         instance_gone = o == 0 || o == -ENOENT;
     }
     if (r >= 0) {
@@ -663,7 +654,7 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
             struct timespec tf;
             struct agent_err ferr = {0};
             clock_gettime(CLOCK_MONOTONIC, &tf);
-            if (env->backend->flatten(j.backend_h, &dsj, &dt, flatten_progress, &j, &ferr) < 0)
+            if (env->backend->flatten(j.backend_h, &j.sj, &dt, flatten_progress, &j, &ferr) < 0)
                 log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s",
                           inst->uuid, req->image_id, ferr.msg);
             else

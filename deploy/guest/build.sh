@@ -2,8 +2,12 @@
 # Builds the compute-agent test guest from Debian packages into OUTDIR (the libvirt service's
 # state dir); never touches /boot or the host's module tree.
 #
-#   deploy/guest/build.sh OUTDIR           build what is missing or stale, print what it did
-#   deploy/guest/build.sh --check OUTDIR   exit 0 if everything is built and current, else 1
+#   deploy/guest/build.sh OUTDIR               build what is missing or stale, print what it did
+#   deploy/guest/build.sh --keep-base OUTDIR   the same, but never replace an existing base.qcow2:
+#                                              exit 3 if it is stale (guests run on overlays of
+#                                              it; kernel, initramfs and writer are read at boot
+#                                              only, so they may change under running guests)
+#   deploy/guest/build.sh --check OUTDIR       exit 0 if everything is built and current, else 1
 #
 # Outputs:
 #   OUTDIR/vmlinuz          Debian's kernel (linux-image-<ver>-amd64, fetched with apt-get
@@ -24,11 +28,12 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 check_only=0
-if [ "${1:-}" = --check ]; then
-    check_only=1
-    shift
-fi
-[ $# -eq 1 ] || { sed -n '2,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+keep_base=0
+case "${1:-}" in
+    --check) check_only=1; shift ;;
+    --keep-base) keep_base=1; shift ;;
+esac
+[ $# -eq 1 ] || { sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 out=$1
 disk_mb=${CA_GUEST_DISK_MB:-256}
 # Bump when the way the base image is made changes (the hash below covers layout.h).
@@ -67,6 +72,16 @@ if [ "$check_only" = 1 ]; then
         current initramfs.img "$initrd_hash" &&
         current base.qcow2 "$base_hash"
     exit
+fi
+
+# One build at a time per OUTDIR: libvirt.sh and rbd-guest.sh may both bring it up to date, and
+# every step writes fixed *.tmp names. The lock fd is not passed to anything long-lived.
+exec 8> "$out/.build.lock"
+flock -w 600 8 || die "could not lock $out/.build.lock within 600 s"
+if [ "$keep_base" = 1 ] && [ -f "$out/base.qcow2" ] && ! current base.qcow2 "$base_hash"; then
+    say "base.qcow2 is stale (layout.h, BASE_FORMAT or CA_GUEST_DISK_MB changed) and guests may"
+    say "run on it: not rebuilding anything; stop the guests and build without --keep-base"
+    exit 3
 fi
 
 # --- kernel: download once, unpack, depmod inside the unpacked tree ------------------------

@@ -4,6 +4,14 @@
 # one process (workers = 0), locations and direct URLs shown (nova's RBD direct-snapshot path).
 #
 #   deploy/services/glance.sh install|start|check|stop|status
+#   GLANCE_INSTANCE=NAME GLANCE_PORT=PORT [GLANCE_WANT_STORES=file] \
+#       deploy/services/glance.sh start|check|stop|status|purge
+#
+# The second form runs another glance-api next to the shared one (which it never touches), for
+# tests that need a differently configured Glance: own state dir $(svc_dir glance-NAME), SQLite
+# DB, file store, PID file and env file (svc_load_env glance-NAME), on 127.0.0.1:PORT.
+# GLANCE_WANT_STORES=file: the file store only, even with Ceph up (default: auto, as below).
+# purge (named instances only): stop it and delete its state dir.
 #
 # Stores are configured the multi-store way (enabled_backends), not with the legacy
 # [glance_store] stores list: only then does glance answer GET /v2/info/stores (legacy: 404
@@ -21,9 +29,20 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # shellcheck disable=SC2034  # read by log() in lib.sh
 SVC=glance
-STATE=$(svc_dir glance)
-HOST=127.0.0.1
+NAME=glance
 PORT=9292
+if [ -n "${GLANCE_INSTANCE:-}" ]; then
+    [[ "$GLANCE_INSTANCE" =~ ^[a-z0-9][a-z0-9-]*$ ]] || die "bad GLANCE_INSTANCE '$GLANCE_INSTANCE'"
+    NAME=glance-$GLANCE_INSTANCE
+    PORT=${GLANCE_PORT:-}
+    [[ "$PORT" =~ ^[0-9]+$ ]] && [ "$PORT" != 9292 ] \
+        || die "GLANCE_INSTANCE=$GLANCE_INSTANCE needs GLANCE_PORT (not 9292), got '$PORT'"
+fi
+case "${GLANCE_WANT_STORES:=auto}" in auto | file) ;; *) die "bad GLANCE_WANT_STORES" ;; esac
+# shellcheck disable=SC2034  # read by log() in lib.sh
+SVC=$NAME
+STATE=$(svc_dir "$NAME")
+HOST=127.0.0.1
 URL=http://$HOST:$PORT
 CONF=$STATE/glance-api.conf
 CEPH_COPY=$STATE/ceph.conf
@@ -133,7 +152,7 @@ prepare_dirs() {
         || cp /etc/glance/glance-api-paste.ini "$STATE/glance-api-paste.ini"
 }
 
-glance_pid() { svc_pid glance api; }
+glance_pid() { svc_pid "$NAME" api; }
 
 api_answers() {
     [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "$URL/v2/images")" = 200 ]
@@ -151,7 +170,7 @@ db_sync_once() {
 }
 
 do_stop() {
-    svc_stop_all glance
+    svc_stop_all "$NAME"
     rm -f "$RUNNING_SUM"
 }
 
@@ -159,7 +178,7 @@ do_start() {
     local stores=file pid new_sum
     command -v glance-api > /dev/null || die "glance-api is not installed (run: $0 install)"
     prepare_dirs
-    if ceph_usable; then
+    if [ "$GLANCE_WANT_STORES" = auto ] && ceph_usable; then
         stores=file,rbd
         write_ceph_copy "$CEPH_COPY.new"
     else
@@ -191,7 +210,7 @@ do_start() {
     db_sync_once
 
     log "starting glance-api on $URL (stores: $stores)"
-    svc_spawn glance api "$STATE/log/glance-api.log" \
+    svc_spawn "$NAME" api "$STATE/log/glance-api.log" \
         glance-api --config-file "$CONF" --config-dir "$STATE/conf.d" 9>&-
     pid=$(cat "$STATE/pids/api.pid")
     if ! wait_for 120 "glance-api on $URL" api_answers; then
@@ -204,9 +223,9 @@ do_start() {
 }
 
 write_env() {
-    svc_set_env glance GLANCE_URL "$URL"
-    svc_set_env glance GLANCE_STORES "$1"
-    svc_set_env glance GLANCE_FILE_STORE_DIR "$FILE_STORE"
+    svc_set_env "$NAME" GLANCE_URL "$URL"
+    svc_set_env "$NAME" GLANCE_STORES "$1"
+    svc_set_env "$NAME" GLANCE_FILE_STORE_DIR "$FILE_STORE"
 }
 
 do_check() {
@@ -229,10 +248,10 @@ do_check() {
 do_status() {
     local pid
     if pid=$(glance_pid); then
-        svc_load_env glance
-        echo "glance: running on $URL (pid $pid, stores ${GLANCE_STORES:-?})"
+        svc_load_env "$NAME"
+        echo "$NAME: running on $URL (pid $pid, stores ${GLANCE_STORES:-?})"
     else
-        echo "glance: stopped"
+        echo "$NAME: stopped"
         return 3
     fi
 }
@@ -251,5 +270,12 @@ case "${1:-}" in
     check) do_check ;;
     stop) take_lock; do_stop ;;
     status) do_status ;;
-    *) echo "usage: $0 install|start|check|stop|status" >&2; exit 2 ;;
+    purge)
+        [ "$NAME" != glance ] || die "purge is for GLANCE_INSTANCE instances only"
+        take_lock
+        do_stop
+        case "$STATE" in */glance-*) rm -rf "$STATE" ;; *) die "refusing to delete '$STATE'" ;; esac
+        log "purged $STATE"
+        ;;
+    *) echo "usage: $0 install|start|check|stop|status|purge" >&2; exit 2 ;;
 esac

@@ -109,7 +109,11 @@ build_guest() {
         return 0
     fi
     if [ -f "$BUILD/base.qcow2" ] && guest_qemu_alive; then
-        log "guest build inputs changed but the guest is running: 'stop' then 'start' to rebuild"
+        # The running guest's overlay sits on base.qcow2; the kernel, initramfs and writer are
+        # read at boot only and may be brought up to date under it (next boots use them).
+        "$REPO/deploy/guest/build.sh" --keep-base "$BUILD" ||
+            log "guest base image inputs changed but the guest is running: 'stop' then" \
+                "'start' to rebuild"
         return 0
     fi
     "$REPO/deploy/guest/build.sh" "$BUILD"

@@ -13,6 +13,11 @@
 #                                          rbd image is kept (the writer resumes on it)
 #   deploy/services/rbd-guest.sh purge     stop, then delete the rbd image and the state dir
 #   deploy/services/rbd-guest.sh status    one line
+#   deploy/services/rbd-guest.sh domain-xml NAME UUID TITLE POOL/IMAGE CONSOLE [CMDLINE...]
+#                                          print the XML of another guest like this one (same
+#                                          kernel, initramfs, cmdline, secret and monitor) on
+#                                          another rbd image, CMDLINE appended to the kernel's:
+#                                          tests boot guests from clones with it; defines nothing
 #
 # The guest is the libvirt service's guest (deploy/guest: same kernel, initramfs, cmdline,
 # layout.h, writer, qemu-ga, console markers) with another name and UUID and an rbd disk:
@@ -123,6 +128,12 @@ ensure_deps() {
         "$CA_DEPLOY_ROOT/services.sh" up "${need[@]}" || die "services.sh up ${need[*]} failed"
     fi
     guest_build_present || die "no guest build in $BUILD (deploy/services/libvirt.sh install)"
+    # A changed /init, writer or kernel reaches the next boot without stopping any guest (the
+    # base image, which running guests sit on, is left alone: --keep-base).
+    if ! "$REPO/deploy/guest/build.sh" --check "$BUILD"; then
+        "$REPO/deploy/guest/build.sh" --keep-base "$BUILD" ||
+            log "WARNING: the guest build in $BUILD is stale, booting what is there"
+    fi
 }
 
 # --- the rbd image ----------------------------------------------------------------------------
@@ -409,6 +420,18 @@ do_purge() {
     log "purged $STATE"
 }
 
+# do_domain_xml NAME UUID TITLE POOL/IMAGE CONSOLE [CMDLINE...]: see the header.
+do_domain_xml() {
+    [ $# -ge 5 ] || die "usage: $0 domain-xml NAME UUID TITLE POOL/IMAGE CONSOLE [CMDLINE...]"
+    guest_build_present || die "no guest build in $BUILD (deploy/services/libvirt.sh install)"
+    load_ceph
+    mon_v1
+    secret_ours || die "no libvirt secret $SECRET_UUID: '$0 start' first"
+    GUEST_NAME=$1 GUEST_UUID=$2 GUEST_TITLE=$3 RBD_DISK=$4 CONSOLE=$5
+    shift 5
+    domain_xml "$(guest_domtype)" "$KCMDLINE ca.wps=$GUEST_WPS ca.hb_ms=$GUEST_HB_MS${*:+ $*}"
+}
+
 do_status() {
     local state seq pid
     if ! libvirtd_answers; then
@@ -438,5 +461,6 @@ case "${1:-}" in
     stop) lock; do_stop keep ;;
     purge) lock; do_purge ;;
     status) do_status ;;
-    *) echo "usage: $0 install|start|check|stop|purge|status" >&2; exit 2 ;;
+    domain-xml) shift; do_domain_xml "$@" ;;
+    *) echo "usage: $0 install|start|check|stop|purge|status|domain-xml" >&2; exit 2 ;;
 esac

@@ -56,7 +56,20 @@ struct snap_job {
     const char *scratch_dir;      /* [libvirt] snapshots_directory */
     int agent_timeout_s;          /* bound on every guest-agent command (freeze, thaw) */
     const struct quiesce_ops *quiesce_ops; /* rbd: how to freeze the guest; NULL: no freeze */
+    /* Optional: the journal. Called at each step a crash could interrupt: before a resource
+     * that may outlive the agent is made (state "intent") and once it exists ("done") or is gone
+     * ("removed", "thawed"). It returns once the step is durable; test builds may stop the
+     * agent there. */
+    void (*step)(void *ctx, const char *resource, const char *state);
+    void *step_ctx;
 };
+
+static inline void
+snap_job_step(const struct snap_job *job, const char *resource, const char *state)
+{
+    if (job && job->step)
+        job->step(job->step_ctx, resource, state);
+}
 
 
 /* What a backend reports about the view it made (all filled by open_view). */

@@ -1368,11 +1368,13 @@ quiesce_freeze(virDomainPtr dom, const struct snap_job *job, const char *marker,
     r = marker_write(marker, "", false, err);
     if (r < 0)
         return r;
+    snap_job_step(job, "freeze", "intent");
     t0 = now_ms();
     n = virDomainFSFreeze(dom, NULL, 0, 0);
     elapsed = now_ms() - t0;
     if (n >= 0) {
         fs->frozen = true;
+        snap_job_step(job, "freeze", "done");
         fs->t0 = t0;
         info->frozen = n > 0;
         info->frozen_count = n;
@@ -1412,8 +1414,10 @@ quiesce_end(virDomainPtr dom, const struct snap_job *job, const char *marker,
     /* The freeze was answered, so the agent works: a thaw that times out is retried. */
     r = quiesce_thaw(dom, marker, agent_timeout(job->agent_timeout_s), true, err);
     info->freeze_window_ms = now_ms() - fs->t0;
-    if (r == 0)
+    if (r == 0) {
         fs->frozen = false;
+        snap_job_step(job, "freeze", "thawed");
+    }
     return r;
 }
 
@@ -1786,9 +1790,12 @@ view_backup(virDomainPtr dom, const struct snap_job *job, const struct disk_list
     r = quiesce_freeze(dom, job, jp->frozen, &v->info, &fs, err);
     if (r < 0)
         return r;
+    snap_job_step(job, "backup-job", "intent");
     rb = virDomainBackupBegin(dom, xml, NULL, 0);
     if (rb < 0)
         rb = libvirt_fail(&berr, "begin pull-mode backup of %s", d->target);
+    else
+        snap_job_step(job, "backup-job", "done");
     r = quiesce_end(dom, job, jp->frozen, &v->info, &fs, err);
     if (rb == -EOPNOTSUPP) {
         snprintf(why, why_size, "%s", berr.msg);
@@ -1968,10 +1975,12 @@ view_blockcopy(virConnectPtr conn, virDomainPtr dom, const struct snap_job *job,
         w = NULL;
     }
 
+    snap_job_step(job, "block-job", "intent");
     if (virDomainBlockCopy(dom, d->target, destxml, NULL, 0, flags) < 0) {
         r = libvirt_fail(err, "block copy of %s into %s", d->target, jp->delta);
         goto out;
     }
+    snap_job_step(job, "block-job", "done");
     deadline = now_ms() + BLOCKCOPY_READY_TIMEOUT_MS;
     for (;;) {
         r = copy_ready(dom, job->instance_uuid, d->target, jp->delta, w, err);
@@ -2268,11 +2277,13 @@ qcow2_open_view(void *hv, const struct snap_job *job, struct disk_view **ret_v,
         if (r < 0)
             goto out;
         p->save_t0 = now_ms();
+        snap_job_step(job, "managed-save", "intent");
         if (virDomainManagedSave(dom, 0) < 0) {
             r = libvirt_fail(err, "managed save of domain %s", job->instance_uuid);
             unlink_gone(p->save_marker);
             goto out;
         }
+        snap_job_step(job, "managed-save", "done");
         t1 = now_ms();
         v->info.setup_ms = t1 - p->save_t0;
         r = view_map(p, v, NULL, NULL, d->source, d->format, err);
@@ -2311,6 +2322,7 @@ qcow2_open_view(void *hv, const struct snap_job *job, struct disk_view **ret_v,
     }
     if (r < 0)
         goto out;
+    snap_job_step(job, "nbd-export", "done");
     v->info.map_ms = now_ms() - t1;
     log_debug(LOG_QCOW2, "job %s: %s view of %s (%s): setup %" PRId64 " ms, map %"
               PRId64 " ms, %zu extents, %" PRIu64 " of %" PRIu64 " bytes allocated, frozen %d "

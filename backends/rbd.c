@@ -124,8 +124,12 @@ err_append(struct agent_err *err, const char *fmt, ...)
  * fail with -EIO right after it succeeded, so the rollback of everything up to it is exercised.
  * Steps: snap, protect, clone, flatten, clone-snap, clone-protect. */
 static int
-test_fault(const char *step, struct agent_err *err)
+test_fault(const struct snap_job *job, const char *step, struct agent_err *err)
 {
+    char res[32];
+
+    snprintf(res, sizeof(res), "rbd-%s", step);
+    snap_job_step(job, res, "done");
 #ifndef NDEBUG
     const char *s = getenv("CA_TEST_RBD_FAIL_AT");
     if (s && strcmp(s, step) == 0)
@@ -329,6 +333,7 @@ take_snapshot(rbd_image_t img, const char *pool, const char *disk, const struct 
     }
 
     t_snap = now_ms();
+    snap_job_step(job, "rbd-snap", "intent");
     r = rbd_snap_create(img, job->job_id);
     if (r < 0) {
         ceph_fail(err, r, "snapshot '%s/%s@%s'", pool, disk, job->job_id);
@@ -336,7 +341,7 @@ take_snapshot(rbd_image_t img, const char *pool, const char *disk, const struct 
         *ret_created = true;
         log_debug(LOG_RBD, "job %s: snapshot %s/%s@%s in %" PRId64 " ms", job->job_id, pool,
                   disk, job->job_id, now_ms() - t_snap);
-        r = test_fault("snap", err);
+        r = test_fault(job, "snap", err);
     }
 
     if (frozen) {
@@ -869,7 +874,7 @@ clone_flatten(rados_ioctx_t io, rbd_image_t cl, const char *pool, const char *na
             return ceph_fail(err, r, "flatten '%s/%s'", pool, name);
         log_debug(LOG_RBD, "flattened %s/%s in %" PRId64 " ms", pool, name, now_ms() - t0);
     }
-    r = test_fault("flatten", err);
+    r = test_fault(NULL, "flatten", err);
     if (r < 0)
         return r;
 
@@ -988,7 +993,7 @@ cephrbd_direct_snapshot(void *hv, const struct snap_job *job, const struct direc
         ceph_fail(err, r, "protect '%s/%s@%s'", h->pool, disk, job->job_id);
         goto cleanup;
     }
-    r = test_fault("protect", err);
+    r = test_fault(job, "protect", err);
     if (r < 0)
         goto cleanup;
 
@@ -1008,7 +1013,7 @@ cephrbd_direct_snapshot(void *hv, const struct snap_job *job, const struct direc
     log_debug(LOG_RBD, "job %s: cloned %s/%s@%s to %s/%s (features 0x%" PRIx64 ") in %" PRId64
               " ms", job->job_id, h->pool, disk, job->job_id, t->pool, t->image_id, features,
               t_clone - t_pit);
-    r = test_fault("clone", err);
+    r = test_fault(job, "clone", err);
     if (r < 0)
         goto cleanup;
     r = rbd_open(dio, t->image_id, &cl, NULL);
@@ -1035,7 +1040,7 @@ cephrbd_direct_snapshot(void *hv, const struct snap_job *job, const struct direc
         goto cleanup;
     }
     csnap_made = true;
-    r = test_fault("clone-snap", err);
+    r = test_fault(job, "clone-snap", err);
     if (r < 0)
         goto cleanup;
     r = rbd_snap_protect(cl, CLONE_SNAP);
@@ -1044,7 +1049,7 @@ cephrbd_direct_snapshot(void *hv, const struct snap_job *job, const struct direc
         goto cleanup;
     }
     csnap_prot = true;
-    r = test_fault("clone-protect", err);
+    r = test_fault(job, "clone-protect", err);
     if (r < 0)
         goto cleanup;
     r = rbd_get_size(cl, &out.size);

@@ -15,6 +15,7 @@
 #include <stdint.h>
 #include <sys/time.h>
 
+#include "cleanup.h"
 #include "err.h"
 #include "transport_url.h"
 #include "util.h"
@@ -28,6 +29,8 @@ struct rpc_conn {
     amqp_connection_state_t state;
     char peer[300];
     uint64_t pub_seq; /* publisher-confirm tag of the last publish on channel 2 */
+    char *consumer_tags[4]; /* the broker's tags of our consumers, for basic.cancel */
+    size_t n_consumers;
 };
 
 #define CH_CONSUME 1
@@ -196,6 +199,8 @@ rpc_conn_close(struct rpc_conn *c)
     amqp_channel_close(c->state, CH_CONSUME, AMQP_REPLY_SUCCESS);
     amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
     amqp_destroy_connection(c->state);
+    for (size_t i = 0; i < c->n_consumers; i++)
+        free(c->consumer_tags[i]);
     free(c);
 }
 
@@ -328,9 +333,32 @@ rpc_conn_consume(struct rpc_conn *c, const char *queue, bool cancel_on_failover,
         entries[0].value.value.boolean = 1;
         t.num_entries = 1;
     }
-    amqp_basic_consume(c->state, CH_CONSUME, amqp_cstring_bytes(queue), amqp_empty_bytes, 0, 0, 0,
-                       t);
-    return declare_err(c, "basic.consume", queue, err);
+    amqp_basic_consume_ok_t *ok = amqp_basic_consume(c->state, CH_CONSUME,
+                                                     amqp_cstring_bytes(queue), amqp_empty_bytes,
+                                                     0, 0, 0, t);
+    int r = declare_err(c, "basic.consume", queue, err);
+    if (r >= 0 && ok && c->n_consumers < ELEMENTSOF(c->consumer_tags)) {
+        char *tag = strndup(ok->consumer_tag.bytes, ok->consumer_tag.len);
+        if (tag)
+            c->consumer_tags[c->n_consumers++] = tag;
+    }
+    return r;
+}
+
+int
+rpc_conn_cancel_consumers(struct rpc_conn *c, struct agent_err *err)
+{
+    int r = 0;
+
+    for (size_t i = 0; i < c->n_consumers; i++) {
+        amqp_basic_cancel(c->state, CH_CONSUME, amqp_cstring_bytes(c->consumer_tags[i]));
+        int q = declare_err(c, "basic.cancel", c->consumer_tags[i], err);
+        if (q < 0 && r == 0)
+            r = q;
+        free(c->consumer_tags[i]);
+    }
+    c->n_consumers = 0;
+    return r;
 }
 
 struct delivery_priv {

@@ -60,6 +60,9 @@ int rpc_conn_bind(struct rpc_conn *c, const char *queue, const char *exchange, c
 int rpc_conn_qos(struct rpc_conn *c, int prefetch, struct agent_err *err);
 int rpc_conn_consume(struct rpc_conn *c, const char *queue, bool cancel_on_failover,
                      struct agent_err *err);
+/* Cancel every consumer rpc_conn_consume() started on c (deliveries already received stay
+ * ours to ack or reject). Returns 0 or the first error. */
+int rpc_conn_cancel_consumers(struct rpc_conn *c, struct agent_err *err);
 
 /* One received message, valid until rpc_conn_release(). */
 struct rpc_delivery {

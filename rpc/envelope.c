@@ -202,6 +202,8 @@ rpc_request_free(struct rpc_request *req)
     context_clear(&req->ctx);
     instance_free(req->instance);
     free(req->image_id);
+    free(req->raw);
+    free(req->content_type);
     if (req->doc) {
         json_decref(req->doc->msg);
         free(req->doc);
@@ -537,6 +539,13 @@ rpc_parse_delivery(const void *body, size_t len, const char *content_type,
     r = parse_message(msg, req, err);
     if (r < 0)
         return r;
+    /* The delivery as it came, for the journal: a recovered job is parsed again from it. */
+    req->raw = malloc(len);
+    req->content_type = strdup(content_type);
+    if (!req->raw || !req->content_type)
+        return -ENOMEM;
+    memcpy(req->raw, body, len);
+    req->raw_len = len;
     *ret_req = TAKE_PTR(req);
     return 0;
 }

@@ -78,6 +78,11 @@ struct rpc_request {
     struct instance *instance; /* NULL for methods without one */
     char *image_id;
     struct rpc_doc *doc;
+    /* The delivery exactly as received (body and content type), so the journal can keep it and
+     * a job recovered after a restart is parsed again from the same bytes. Holds the token. */
+    void *raw;
+    size_t raw_len;
+    char *content_type;
 };
 
 /* Look up a system_metadata value by key; NULL if absent. Borrowed, valid while inst lives. */

@@ -18,6 +18,7 @@
 #include <jansson.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,6 +71,7 @@ struct rpc_service {
     int wake_fd;
     pthread_t thread;
 
+    atomic_bool consume_stopped; /* rpc_service_stop_consuming() was called */
     pthread_mutex_t lock; /* guards outq, inflight, stopped */
     struct msg_list outq;
     struct msg_list inflight;
@@ -384,7 +386,13 @@ handle_delivery(struct rpc_service *svc, struct rpc_conn *c, struct rpc_delivery
 {
     struct rpc_request *req = NULL;
     struct agent_err err = {0};
-    int r = rpc_parse_delivery(d->body, d->len, d->content_type, &req, &err);
+    int r;
+
+    /* Stopping: what was already delivered goes back to the queue for the next start or
+     * another agent. */
+    if (atomic_load(&svc->consume_stopped))
+        return rpc_conn_reject(c, d->tag, true, cerr);
+    r = rpc_parse_delivery(d->body, d->len, d->content_type, &req, &err);
 
     if (r < 0) {
         log_warning(LOG_RPC, "rejected message from queue %s (%zu bytes): %s", d->routing_key,
@@ -436,9 +444,17 @@ serve(struct rpc_service *svc, struct rpc_conn *c, struct agent_err *err)
     /* Wake often enough to send our heartbeats at least twice per negotiated interval. */
     int pump_ms = svc->opts.heartbeat_s > 0 ? svc->opts.heartbeat_s * 1000 / 4 : -1;
 
+    bool cancelled = false;
+
     if (pump_ms == 0)
         pump_ms = 250;
     for (;;) {
+        if (!cancelled && atomic_load(&svc->consume_stopped) && !svc->opts.publish_only) {
+            if (rpc_conn_cancel_consumers(c, err) < 0)
+                return 0;
+            cancelled = true;
+            log_info(LOG_RPC, "stopped consuming (publishing goes on)");
+        }
         if (flush_outq(svc, c, err) < 0)
             return 0;
         if (!rpc_conn_has_buffered(c) && wait_events(svc, rpc_conn_fd(c), pump_ms))
@@ -687,6 +703,14 @@ fail:
         close(svc->wake_fd);
     free(svc);
     return r;
+}
+
+void
+rpc_service_stop_consuming(struct rpc_service *svc)
+{
+    if (!svc || atomic_exchange(&svc->consume_stopped, true))
+        return;
+    wake(svc->wake_fd);
 }
 
 void

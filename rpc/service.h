@@ -63,6 +63,11 @@ struct rpc_service_opts {
  * -errno. opts is copied; what it points to is borrowed. */
 int rpc_service_start(const struct rpc_service_opts *opts, struct rpc_service **ret_svc);
 
+/* Stop taking requests: consumers are cancelled (now and after any reconnection) and deliveries
+ * still buffered are requeued, while publishing (notifications of running jobs) goes on.
+ * Idempotent, NULL-safe, returns at once. */
+void rpc_service_stop_consuming(struct rpc_service *svc);
+
 /* Ask the thread to close its connection and exit, wait for it, free. Publishers still waiting
  * are woken with -ECANCELED. NULL-safe. */
 void rpc_service_stop(struct rpc_service *svc);

@@ -119,6 +119,13 @@ static const struct option options[] = {
      .offset = OFF(max_concurrent_snapshots),
      .min = 0,
      .max = 1000},
+    {.info = {"DEFAULT", "graceful_shutdown_timeout", NULL, "60",
+              "Seconds running snapshots get to finish after SIGTERM; what is still running "
+              "then is left to the journal and resumed or cleaned up by the next start", false},
+     .type = OPT_INT,
+     .offset = OFF(graceful_shutdown_timeout),
+     .min = 0,
+     .max = 86400},
     O("DEFAULT", "instance_name_template", OPT_STR, instance_name_template, "instance-%08x",
       "Template for libvirt domain names, from the instance id"),
     O("DEFAULT", "debug", OPT_DEBUG, debug_mask, "False",

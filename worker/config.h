@@ -44,6 +44,7 @@ struct agent_config {
     char *state_path;
     char *instances_path;
     long max_concurrent_snapshots; /* 0 = unlimited */
+    long graceful_shutdown_timeout; /* s, after SIGTERM */
     char *instance_name_template;
     unsigned debug_mask; /* bit per log module: `debug = True` or `debug = rpc,rbd` */
     char *log_file;      /* NULL: stderr */

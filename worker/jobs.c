@@ -9,6 +9,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdlib.h>
+#include <time.h>
 
 struct job_node {
     struct job_node *next;
@@ -143,6 +144,29 @@ job_pool_stats(struct job_pool *p, struct job_pool_stats *ret)
     pthread_mutex_lock(&p->lock);
     *ret = p->st;
     pthread_mutex_unlock(&p->lock);
+}
+
+size_t
+job_pool_drain(struct job_pool *p, long timeout_ms)
+{
+    struct timespec dl;
+    size_t left;
+
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += timeout_ms / 1000;
+    dl.tv_nsec += (timeout_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&p->lock);
+    p->stopping = true;
+    while (p->st.running > 0)
+        if (pthread_cond_timedwait(&p->idle, &p->lock, &dl) == ETIMEDOUT)
+            break;
+    left = p->st.running;
+    pthread_mutex_unlock(&p->lock);
+    return left;
 }
 
 void

@@ -23,6 +23,10 @@ struct job_pool_stats {
 };
 void job_pool_stats(struct job_pool *p, struct job_pool_stats *ret);
 
+/* Stop accepting and starting jobs, and wait up to timeout_ms for the running ones to finish.
+ * Returns how many still run (queued ones stay queued for job_pool_free's drop). */
+size_t job_pool_drain(struct job_pool *p, long timeout_ms);
+
 /* Stop accepting, wait for running jobs to finish, then hand every job that never started to
  * drop(ctx, arg) (which owns it) and free the pool. NULL-safe. */
 void job_pool_free(struct job_pool *p, void (*drop)(void *ctx, void *arg));

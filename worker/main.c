@@ -22,6 +22,7 @@
 #include "err.h"
 #include "log.h"
 #include "jobs.h"
+#include "journal.h"
 #include "request.h"
 #include "snapshot.h"
 #include "service.h"
@@ -110,10 +111,17 @@ on_request(void *user, struct rpc_request *req)
              in && in->vm_state ? in->vm_state : "None",
              in && in->task_state ? in->task_state : "None", in && in->host ? in->host : "None",
              req->ctx.request_id ? req->ctx.request_id : "-");
-    r = job_pool_submit(a->pool, req);
-    if (r < 0)
+    struct snapshot_task *t = NULL;
+    /* Journaled before it is acked: from here a crash loses nothing. */
+    r = snapshot_accept(&a->env, req, &t);
+    if (r <= 0)
+        return r; /* 0: a duplicate, dropped (and acked); <0: requeued */
+    r = job_pool_submit(a->pool, t);
+    if (r < 0) {
         log_warning(LOG_WORKER, "instance %s: cannot queue the snapshot: %s", in ? in->uuid : "-",
                     strerror(-r));
+        free(t); /* req goes back to the caller, the job stays journaled for the next start */
+    }
     return r;
 }
 
@@ -155,6 +163,7 @@ main(int argc, char **argv)
     bool print_config = false;
     struct agent_config *cfg = NULL;
     struct rpc_service *rpc = NULL;
+    struct journal *journal = NULL;
     struct agent ll = {0};
     struct agent_err err = {0};
     sigset_t sigs;
@@ -255,6 +264,13 @@ main(int argc, char **argv)
         .on_request = on_request,
         .user = &ll,
     };
+    r = journal_open(cfg->state_path, &journal, &err);
+    if (r < 0) {
+        log_error(LOG_MAIN, "%s", err.msg);
+        goto out_backend;
+    }
+    log_info(LOG_JOURNAL, "journal %s", journal_path(journal));
+    ll.env.journal = journal;
     ll.env.cfg = cfg;
     ll.env.backend = backend_lookup(images_type_to_string(cfg->images_type));
     if (cfg->images_type == IMAGES_TYPE_RBD)
@@ -268,7 +284,15 @@ main(int argc, char **argv)
         log_error(LOG_MAIN, "cannot create the job pool: %s", strerror(-r));
         goto out_backend;
     }
+    /* Before consuming: whatever an earlier run left half done is cleaned up now (thaw, abort,
+     * remove, undo); finishing those jobs goes to the pool ahead of new requests. */
+    struct snapshot_task **recovered = NULL;
+    int n_rec = ll.env.backend ? snapshot_reconcile(&ll.env, &recovered) : 0;
     pthread_mutex_lock(&ll.env.lock);
+    for (int i = 0; i < n_rec; i++)
+        if (job_pool_submit(ll.pool, recovered[i]) < 0)
+            snapshot_abandon(&ll.env, recovered[i]);
+    free(recovered);
     r = rpc_service_start(&ro, &rpc);
     ll.env.rpc = rpc;
     pthread_mutex_unlock(&ll.env.lock);
@@ -301,8 +325,17 @@ main(int argc, char **argv)
         log_info(LOG_MAIN, "%s received, stopping", strsignal(sig));
         break;
     }
-    /* Running jobs finish (they still publish through the rpc thread); queued ones are given up
-     * (the journal will keep them across restarts). Then the rpc thread stops. */
+    /* Stop taking requests; running jobs get graceful_shutdown_timeout to finish (they still
+     * publish through the rpc thread). Queued ones and whatever still runs then stay in the
+     * journal: the next start resumes or cleans them up. */
+    rpc_service_stop_consuming(rpc);
+    size_t left = job_pool_drain(ll.pool, cfg->graceful_shutdown_timeout * 1000);
+    if (left > 0) {
+        log_warning(LOG_MAIN, "%zu snapshot(s) still running after graceful_shutdown_timeout "
+                    "(%ld s): left to the journal %s, the next start recovers them; exiting",
+                    left, cfg->graceful_shutdown_timeout, journal_path(journal));
+        _exit(EXIT_SUCCESS);
+    }
     job_pool_free(ll.pool, drop_job);
     rpc_service_stop(rpc);
     snapshot_env_release(&ll.env);
@@ -310,6 +343,7 @@ main(int argc, char **argv)
     ret = EXIT_SUCCESS;
 
 out_backend:
+    journal_close(journal);
     backend_global_cleanup();
 out:
     config_free(cfg);

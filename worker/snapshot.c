@@ -21,6 +21,8 @@
 #include "snapshot.h"
 
 #include <errno.h>
+#include <signal.h>
+#include <unistd.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,9 +32,11 @@
 #include "backend.h"
 #include "cleanup.h"
 #include "config.h"
+#include "envelope.h"
 #include "err.h"
 #include "glance.h"
 #include "imgenc.h"
+#include "journal.h"
 #include "log.h"
 #include "notifier.h"
 #include "notify.h"
@@ -57,7 +61,47 @@ struct job {
     char updated_at[32];
     char job_id[48];
     struct timespec t0;
+    /* A job recovered from the journal and run again: transitions up to floor were reported
+     * before the crash and are not reported twice. */
+    enum task_state floor;
+    bool start_sent; /* snapshot.start went out (before a crash, for a recovered job) */
 };
+
+/* Test-only (absent from release builds): CA_TEST_CRASH_AT=resource:state kills the agent with
+ * SIGKILL right after that step of a job is journaled, as kill -9 would. */
+static void
+test_crash_point(const char *job_id, const char *resource, const char *state)
+{
+#ifndef NDEBUG
+    const char *at = getenv("CA_TEST_CRASH_AT");
+    size_t n = strlen(resource);
+
+    if (at && strncmp(at, resource, n) == 0 && at[n] == ':' && strcmp(at + n + 1, state) == 0) {
+        log_warning(LOG_WORKER, "test: job %s killed at %s:%s (CA_TEST_CRASH_AT)", job_id,
+                    resource, state);
+        kill(getpid(), SIGKILL);
+        pause();
+    }
+#else
+    (void)job_id;
+    (void)resource;
+    (void)state;
+#endif
+}
+
+/* A step of the job: journaled before the job goes on (struct snap_job's step hook too). */
+static void
+job_step(void *ctx, const char *resource, const char *state)
+{
+    struct job *j = ctx;
+    struct agent_err err = {0};
+
+    if (j->env->journal && journal_step(j->env->journal, j->job_id, resource, state, &err) < 0)
+        log_error(LOG_JOURNAL, "job %s: step %s:%s not journaled: %s", j->job_id, resource,
+                  state, err.msg);
+    log_debug(LOG_JOURNAL, "job %s: %s:%s", j->job_id, resource, state);
+    test_crash_point(j->job_id, resource, state);
+}
 
 static int64_t
 ms_since(const struct timespec *t0)
@@ -100,6 +144,7 @@ notify_snapshot(struct job *j, enum rpc_notify_phase phase)
         return;
     }
     publish(j, v, phase == RPC_NOTIFY_PHASE_START ? "snapshot.start" : "snapshot.end");
+    job_step(j, "notify", phase == RPC_NOTIFY_PHASE_START ? "snapshot.start" : "snapshot.end");
 }
 
 /* Move the task state by event e, check it is legal from where we are (nova's
@@ -116,6 +161,12 @@ transition(struct job *j, enum task_event e, struct agent_err *err)
         return agent_err_set(err, -EINVAL, "Unexpected task state: expecting a state that allows "
                              "%s but the actual state is %s", task_event_to_string(e),
                              task_state_to_string(j->task) ?: "None");
+    if (j->floor != TASK_NONE && next != TASK_NONE && next <= j->floor) {
+        /* Reported before the crash already. */
+        j->task = next;
+        j->st.task_state = task_state_to_string(next);
+        return 0;
+    }
     j->task = next;
     j->st.task_state = task_state_to_string(next);
     stamp_updated_at(j);
@@ -126,6 +177,7 @@ transition(struct job *j, enum task_event e, struct agent_err *err)
                     j->req->instance->uuid, nerr.msg);
     else
         publish(j, v, "instance.update");
+    job_step(j, "task", j->st.task_state ?: "None");
     return 0;
 }
 
@@ -143,17 +195,29 @@ quiesce_mode_for(const struct instance *inst)
     return QUIESCE_NONE;
 }
 
+struct upload_src {
+    struct imgenc *enc;
+    struct job *j;
+    bool streaming;
+};
+
 /* Source for the Glance upload: pulls encoded bytes. */
 static int
 encoder_read(void *opaque, void *buf, size_t len, size_t *ret_n, struct agent_err *err)
 {
-    int r = imgenc_read(opaque, buf, len, ret_n, err);
+    struct upload_src *us = opaque;
+    int r = imgenc_read(us->enc, buf, len, ret_n, err);
+
+    if (r >= 0 && !us->streaming && imgenc_bytes_out(us->enc) > 0) {
+        us->streaming = true;
+        job_step(us->j, "glance-upload", "streaming");
+    }
 #ifndef NDEBUG
     /* Test-only (absent from release builds): hold the upload once, after its first bytes, so
      * integration tests can delete the image or stop Glance mid-upload. */
     static const char *pause_ms;
     static bool paused;
-    if (!paused && r >= 0 && imgenc_bytes_out(opaque) > 0 &&
+    if (!paused && r >= 0 && imgenc_bytes_out(us->enc) > 0 &&
         (pause_ms = getenv("CA_TEST_UPLOAD_PAUSE_MS"))) {
         long ms = 0;
         paused = util_parse_long(pause_ms, 0, 600000, &ms) == 0;
@@ -253,6 +317,7 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
 
     struct timespec tv;
     clock_gettime(CLOCK_MONOTONIC, &tv);
+    job_step(j, "view", "intent");
     r = env->backend->open_view(bh, sjp, &view, err);
     if (r < 0) {
         *ret_instance_gone = r == -ENOENT;
@@ -266,6 +331,7 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
              quiesce_mode_to_string(sjp->quiesce), view->info.path_reason ? ", " : "",
              view->info.path_reason ?: "", (long long)view->info.freeze_window_ms,
              (unsigned long long)view->allocated_bytes, (unsigned long long)view->virtual_size);
+    job_step(j, "view", "done");
     if (view->info.quiesce_error[0])
         log_warning(LOG_WORKER, "instance %s: filesystems not frozen: %s; the snapshot is "
                     "crash-consistent", inst->uuid, view->info.quiesce_error);
@@ -311,6 +377,8 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
         {"compute_agent_snapshot_path_reason", j->path_note[0] ? j->path_note : NULL},
     };
     r = glance_image_update(gc, j->req->image_id, props, ELEMENTSOF(props), err);
+    if (r >= 0)
+        job_step(j, "glance-metadata", "done");
     if (r == -ENOENT)
         *ret_image_gone = true;
     if (r < 0)
@@ -322,13 +390,17 @@ take_and_upload(struct job *j, struct glance_client *gc, bool *ret_instance_gone
     r = imgenc_prepare(enc, err);
     if (r < 0)
         goto out;
+    struct upload_src us = {.enc = enc, .j = j};
     struct glance_upload_source src = {
         .read = encoder_read,
-        .opaque = enc,
+        .opaque = &us,
         .size = -1, /* chunked, as nova sends it */
     };
     clock_gettime(CLOCK_MONOTONIC, &tv);
+    job_step(j, "glance-upload", "intent");
     r = glance_image_upload(gc, j->req->image_id, &src, &res, err);
+    if (r >= 0)
+        job_step(j, "glance-upload", "done");
     if (r == -ENOENT)
         *ret_image_gone = true;
     if (r < 0)
@@ -346,7 +418,10 @@ out:
         log_error(LOG_WORKER, "instance %s: cleaning up the snapshot view: %s; retrying from "
                   "the job", inst->uuid, cerr.msg);
         cleanup_leftovers(j, sjp);
-    } else if (view->info.downtime_ms > 0) {
+    } else {
+        job_step(j, "view", "removed");
+    }
+    if (view->info.downtime_ms > 0) {
         log_info(LOG_WORKER, "instance %s: guest downtime %lld ms (%s)", inst->uuid,
                  (long long)view->info.downtime_ms, view_path_to_string(view->info.path));
     }
@@ -443,13 +518,22 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
     }
 
     struct timespec tv;
+    struct agent_err jerr = {0};
+    /* Where the clone will be, before it exists: a restart can then undo or finish it. */
+    if (env->journal && journal_set_flatten(env->journal, j->job_id, pool, fsid[0] ? fsid : NULL,
+                                            &jerr) < 0)
+        log_error(LOG_JOURNAL, "job %s: direct target not journaled: %s", j->job_id, jerr.msg);
     clock_gettime(CLOCK_MONOTONIC, &tv);
     r = env->backend->direct_snapshot(j->backend_h, sj, t, &res, err);
     if (r == -EXDEV || r == -EOPNOTSUPP || r == -EACCES || r == -EPERM) {
         snprintf(j->path_note, sizeof(j->path_note), "%s", err->msg);
         agent_err_clear(err);
+        if (env->journal)
+            journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
         return 0;
     }
+    if (r < 0 && env->journal) /* rolled back by the backend */
+        journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
     *ret_tried = true;
     if (r < 0) {
         *ret_instance_gone = r == -ENOENT;
@@ -482,8 +566,12 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
     if (r >= 0)
         r = glance_image_update(gc, j->req->image_id, props, ELEMENTSOF(props), err);
     /* Glance reads the size from RBD and the image goes active with its location. */
-    if (r >= 0)
+    if (r >= 0) {
+        job_step(j, "glance-location", "intent");
         r = glance_image_add_location(gc, j->req->image_id, res.location, "{}", err);
+    }
+    if (r >= 0)
+        job_step(j, "glance-location", "done");
     if (r >= 0) {
         r = glance_image_get(gc, j->req->image_id, &img, err);
         if (r >= 0 && img.status != GLANCE_IMAGE_ACTIVE)
@@ -497,11 +585,15 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
         if (env->backend->direct_undo(j->backend_h, sj, t, &uerr) < 0)
             log_error(LOG_WORKER, "instance %s: removing the clone of image %s: %s",
                       inst->uuid, j->req->image_id, uerr.msg);
+        else if (env->journal)
+            journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
         return r;
     }
     log_info(LOG_WORKER, "instance %s: image %s registered at %s (%llu bytes, nothing streamed)",
              inst->uuid, j->req->image_id, res.location, (unsigned long long)res.size);
     *ret_flatten = res.flatten_pending;
+    if (!res.flatten_pending && env->journal) /* sync or never: nothing left to do */
+        journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
     return 0;
 }
 
@@ -558,110 +650,159 @@ snapshot_env_release(struct snapshot_env *env)
     env->backend_h = env->quiesce_h = NULL;
 }
 
-void
-snapshot_run(struct snapshot_env *env, struct rpc_request *req)
+/* The job's fixed parts, from its request. */
+static void
+job_init(struct job *j, struct snapshot_env *env, struct rpc_request *req)
 {
-    struct job j = {.env = env, .req = req};
     const struct instance *inst = req->instance;
-    _cleanup_(glance_client_freep) struct glance_client *gc = NULL;
-    struct agent_err err = {0};
-    bool instance_gone = false, image_gone = false;
-    int r, ts;
+    int ts;
 
-    clock_gettime(CLOCK_MONOTONIC, &j.t0);
+    *j = (struct job){.env = env, .req = req};
+    clock_gettime(CLOCK_MONOTONIC, &j->t0);
     /* main() sets env->rpc under the lock right after starting the rpc thread, which may hand
      * us a request before that assignment is visible. */
     pthread_mutex_lock(&env->lock);
-    j.rpc = env->rpc;
+    j->rpc = env->rpc;
     pthread_mutex_unlock(&env->lock);
-    notifier_options(env->cfg, &j.nopts);
-    rpc_instance_state_from_request(req, &j.st, NULL);
+    notifier_options(env->cfg, &j->nopts);
+    rpc_instance_state_from_request(req, &j->st, NULL);
     ts = task_state_from_string(inst->task_state);
-    j.task = ts < 0 ? TASK_STATE_MAX : (enum task_state)ts;
-    snprintf(j.job_id, sizeof(j.job_id), "snap-%.36s", req->image_id);
-
-    log_info(LOG_WORKER, "instance %s: snapshot to image %s starting (request %s)", inst->uuid,
-             req->image_id, req->ctx.request_id ?: "-");
-
-    r = glance_client_new(env->cfg->glance_api_servers, env->cfg->glance_num_retries,
-                          req->ctx.auth_token, req->ctx.global_request_id ?: req->ctx.request_id,
-                          &gc, &err);
-    if (r >= 0)
-        r = backend_handle(env, &j.backend_h, &err);
-    if (r >= 0 && env->quiesce_h) {
-        j.qops = (struct quiesce_ops){qcow2_guest_freeze, qcow2_guest_thaw, env->quiesce_h};
-        j.quiesce_ops = &j.qops;
-    }
-    j.sj = (struct snap_job){
-        .job_id = j.job_id,
+    j->task = ts < 0 ? TASK_STATE_MAX : (enum task_state)ts;
+    snprintf(j->job_id, sizeof(j->job_id), "snap-%.36s", req->image_id);
+    j->sj = (struct snap_job){
+        .job_id = j->job_id,
         .instance_uuid = inst->uuid,
         .root_device_name = inst->root_device_name,
         .quiesce = quiesce_mode_for(inst),
         .live_snapshot_disabled = env->cfg->disable_libvirt_livesnapshot,
         .scratch_dir = env->cfg->snapshots_directory,
         .agent_timeout_s = 10,
-        .quiesce_ops = j.quiesce_ops,
+        .step = job_step,
+        .step_ctx = j,
     };
-    if (r < 0) {
-        log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
-                  req->image_id, err.msg);
-        if (gc)
-            delete_image(&j, gc);
-        transition(&j, TASK_EV_FAIL, NULL);
-        notify_error(&j, r, err.msg);
-        goto done;
+}
+
+/* Glance client and backend handle (and the guest quiesce for rbd). */
+static int
+job_connect(struct job *j, struct glance_client **gc, struct agent_err *err)
+{
+    struct snapshot_env *env = j->env;
+    int r;
+
+    r = glance_client_new(env->cfg->glance_api_servers, env->cfg->glance_num_retries,
+                          j->req->ctx.auth_token,
+                          j->req->ctx.global_request_id ?: j->req->ctx.request_id, gc, err);
+    if (r >= 0)
+        r = backend_handle(env, &j->backend_h, err);
+    if (r >= 0 && env->quiesce_h) {
+        j->qops = (struct quiesce_ops){qcow2_guest_freeze, qcow2_guest_thaw, env->quiesce_h};
+        j->quiesce_ops = &j->qops;
+        j->sj.quiesce_ops = j->quiesce_ops;
     }
-    r = transition(&j, TASK_EV_BEGIN, &err);
+    return r;
+}
+
+static void
+job_finish(struct job *j, enum journal_job_state st, const char *reason)
+{
+    struct agent_err err = {0};
+
+    if (j->env->journal && journal_job_finish(j->env->journal, j->job_id, st, reason, &err) < 0)
+        log_error(LOG_JOURNAL, "job %s: end not journaled: %s", j->job_id, err.msg);
+}
+
+/* The direct target journaled for the job, or false if none. */
+static bool
+journaled_target(const struct journal_job *jj, struct job *j, struct direct_target *t)
+{
+    if (!jj || !jj->flatten_pool)
+        return false;
+    *t = (struct direct_target){
+        .image_id = j->req->image_id,
+        .pool = jj->flatten_pool,
+        .fsid = jj->flatten_fsid,
+        .flatten = (enum flatten_policy)j->env->cfg->images_rbd_flatten,
+    };
+    return true;
+}
+
+static void
+run_flatten(struct job *j, struct direct_target *dt)
+{
+    struct snapshot_env *env = j->env;
+    struct timespec tf;
+    struct agent_err ferr = {0};
+
+    /* The image is active already; make the clone independent of the instance disk and drop
+     * the temporary snapshot. A failure leaves a working image (still a clone): logged, and
+     * retried by the next start (the journal keeps it due). */
+    clock_gettime(CLOCK_MONOTONIC, &tf);
+    job_step(j, "flatten", "intent");
+    if (env->backend->flatten(j->backend_h, &j->sj, dt, flatten_progress, j, &ferr) < 0) {
+        log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s; the next start "
+                  "retries it", j->req->instance->uuid, j->req->image_id, ferr.msg);
+        return;
+    }
+    job_step(j, "flatten", "done");
+    if (env->journal)
+        journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
+    log_info(LOG_WORKER, "instance %s: image %s flattened in %lld ms, temporary snapshot removed",
+             j->req->instance->uuid, j->req->image_id, (long long)ms_since(&tf));
+}
+
+/* From the first transition to the end; the job is journaled as finished either way. */
+static void
+pipeline(struct job *j, struct glance_client *gc)
+{
+    struct snapshot_env *env = j->env;
+    struct rpc_request *req = j->req;
+    const struct instance *inst = req->instance;
+    struct agent_err err = {0};
+    bool instance_gone = false, image_gone = false;
+    int r;
+
+    r = transition(j, TASK_EV_BEGIN, &err);
     if (r < 0) {
         /* Unexpected task state: nova's instance.save(expected_task_state=...) raised; the
          * image is deleted and the error notifications go out, task_state is left alone. */
         log_error(LOG_WORKER, "instance %s: snapshot to image %s refused: %s", inst->uuid,
                   req->image_id, err.msg);
-        delete_image(&j, gc);
-        notify_error(&j, r, err.msg);
-        goto done;
+        delete_image(j, gc);
+        notify_error(j, r, err.msg);
+        job_finish(j, JOURNAL_FAILED, err.msg);
+        return;
     }
     if (inst->power_state != 1)
         log_warning(LOG_WORKER, "instance %s: trying to snapshot a non-running instance "
                     "(power_state %d)", inst->uuid, inst->power_state);
-    notify_snapshot(&j, RPC_NOTIFY_PHASE_START);
+    if (!j->start_sent)
+        notify_snapshot(j, RPC_NOTIFY_PHASE_START);
 
     bool tried_direct = false, flatten_due = false;
     struct direct_target dt = {0};
     if (env->backend->direct_snapshot) {
-        r = try_direct(&j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &j.sj,
+        r = try_direct(j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &j->sj,
                        &flatten_due, &err);
         if (!tried_direct)
             log_info(LOG_WORKER, "instance %s: direct snapshot not possible (%s): streaming the "
-                     "image instead", inst->uuid, j.path_note);
+                     "image instead", inst->uuid, j->path_note);
     }
     if (!tried_direct)
-        r = take_and_upload(&j, gc, &instance_gone, &image_gone, &err);
+        r = take_and_upload(j, gc, &instance_gone, &image_gone, &err);
     if (r < 0 && !instance_gone && !image_gone) {
         /* A read failing mid-stream may mean the domain went away under us. */
-        int o = env->backend->owns(j.backend_h, &j.sj, NULL);
+        int o = env->backend->owns(j->backend_h, &j->sj, NULL);
         instance_gone = o == 0 || o == -ENOENT;
     }
     if (r >= 0) {
-        r = transition(&j, TASK_EV_DONE, &err);
-        notify_snapshot(&j, RPC_NOTIFY_PHASE_END);
+        r = transition(j, TASK_EV_DONE, &err);
+        notify_snapshot(j, RPC_NOTIFY_PHASE_END);
         log_info(LOG_WORKER, "instance %s: snapshot to image %s done in %lld ms", inst->uuid,
-                 req->image_id, (long long)ms_since(&j.t0));
-        if (flatten_due) {
-            /* The image is active already; make the clone independent of the instance disk
-             * and drop the temporary snapshot. A failure leaves a working image (still a
-             * clone): logged, retried by the next start once the journal records it. */
-            struct timespec tf;
-            struct agent_err ferr = {0};
-            clock_gettime(CLOCK_MONOTONIC, &tf);
-            if (env->backend->flatten(j.backend_h, &j.sj, &dt, flatten_progress, &j, &ferr) < 0)
-                log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s",
-                          inst->uuid, req->image_id, ferr.msg);
-            else
-                log_info(LOG_WORKER, "instance %s: image %s flattened in %lld ms, temporary "
-                         "snapshot removed", inst->uuid, req->image_id, (long long)ms_since(&tf));
-        }
-        goto done;
+                 req->image_id, (long long)ms_since(&j->t0));
+        job_finish(j, JOURNAL_DONE, NULL);
+        if (flatten_due)
+            run_flatten(j, &dt);
+        return;
     }
 
     if (instance_gone) {
@@ -673,32 +814,338 @@ snapshot_run(struct snapshot_env *env, struct rpc_request *req)
             img.status != GLANCE_IMAGE_ACTIVE)
             glance_image_delete(gc, req->image_id, &gerr);
         glance_image_release(&img);
-        goto done;
+        job_finish(j, JOURNAL_FAILED, "instance disappeared");
+        return;
     }
     if (image_gone) {
         /* nova: ImageNotFound → task_state None, a warning, no error notification. */
         log_warning(LOG_WORKER, "instance %s: image %s not found during snapshot: %s",
                     inst->uuid, req->image_id, err.msg);
-        transition(&j, TASK_EV_FAIL, NULL);
-        goto done;
+        transition(j, TASK_EV_FAIL, NULL);
+        job_finish(j, JOURNAL_FAILED, "image deleted");
+        return;
     }
 
     log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
               req->image_id, err.msg[0] ? err.msg : strerror(-r));
-    delete_image(&j, gc);
-    transition(&j, TASK_EV_FAIL, NULL);
-    notify_error(&j, r, err.msg);
+    delete_image(j, gc);
+    transition(j, TASK_EV_FAIL, NULL);
+    notify_error(j, r, err.msg[0] ? err.msg : strerror(-r));
+    job_finish(j, JOURNAL_FAILED, err.msg[0] ? err.msg : strerror(-r));
+}
 
-done:
-    rpc_request_free(req);
+/* Fail a job nova's way (image deleted unless active, task_state None, error notifications). */
+static void
+fail_job(struct job *j, struct glance_client *gc, int code, const char *msg)
+{
+    log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s",
+              j->req->instance->uuid, j->req->image_id, msg);
+    delete_image(j, gc);
+    if (j->task != TASK_NONE)
+        transition(j, TASK_EV_FAIL, NULL);
+    notify_error(j, code, msg);
+    job_finish(j, JOURNAL_FAILED, msg);
+}
+
+/* The Glance image's status, waiting out "saving": Glance puts an image whose upload broke off
+ * back to queued once it notices the client is gone. */
+static int
+recovered_image_status(struct job *j, struct glance_client *gc, enum glance_image_status *ret,
+                       struct agent_err *err)
+{
+    for (int i = 0;; i++) {
+        struct glance_image img = {0};
+        int r = glance_image_get(gc, j->req->image_id, &img, err);
+        if (r < 0)
+            return r;
+        *ret = img.status;
+        glance_image_release(&img);
+        if (*ret != GLANCE_IMAGE_SAVING || i >= 40)
+            return 0;
+        struct timespec ts = {.tv_nsec = 500000000L};
+        nanosleep(&ts, NULL);
+    }
+}
+
+#define RECOVERY_MAX_ATTEMPTS 3
+
+/* The rest of a job an earlier run of the agent did not finish (its leftovers were cleaned by
+ * snapshot_reconcile already). */
+static void
+recover(struct job *j, struct glance_client *gc, const struct journal_job *jj)
+{
+    const struct instance *inst = j->req->instance;
+    struct direct_target dt;
+    enum glance_image_status status;
+    struct agent_err err = {0};
+    int r, ts;
+
+    if (jj->state == JOURNAL_DONE) {
+        /* Finished, only its background flatten is due. */
+        if (journaled_target(jj, j, &dt))
+            run_flatten(j, &dt);
+        return;
+    }
+    if (jj->state == JOURNAL_QUEUED) {
+        log_info(LOG_WORKER, "instance %s: job %s was queued when the agent stopped: starting it",
+                 inst->uuid, j->job_id);
+        pipeline(j, gc);
+        return;
+    }
+    ts = task_state_from_string(jj->task_state);
+    j->task = ts < 0 ? TASK_NONE : (enum task_state)ts;
+    j->st.task_state = task_state_to_string(j->task);
+    j->start_sent = journal_has_step(j->env->journal, j->job_id, "notify", "snapshot.start") == 1;
+    bool end_sent = journal_has_step(j->env->journal, j->job_id, "notify", "snapshot.end") == 1;
+
+    r = recovered_image_status(j, gc, &status, &err);
+    if (r == -ENOENT) {
+        log_warning(LOG_WORKER, "instance %s: image %s was deleted while the agent was down",
+                    inst->uuid, j->req->image_id);
+        if (j->task != TASK_NONE)
+            transition(j, TASK_EV_FAIL, NULL);
+        job_finish(j, JOURNAL_FAILED, "image deleted");
+        return;
+    }
+    if (r < 0) {
+        fail_job(j, gc, r, err.msg);
+        return;
+    }
+    if (status == GLANCE_IMAGE_ACTIVE) {
+        /* Finished before the crash, not yet reported as such. */
+        log_info(LOG_WORKER, "instance %s: image %s is active: completing job %s", inst->uuid,
+                 j->req->image_id, j->job_id);
+        if (j->task != TASK_NONE) {
+            j->task = TASK_IMAGE_UPLOADING;
+            transition(j, TASK_EV_DONE, NULL);
+        }
+        if (!end_sent)
+            notify_snapshot(j, RPC_NOTIFY_PHASE_END);
+        job_finish(j, JOURNAL_DONE, NULL);
+        if (journaled_target(jj, j, &dt) &&
+            journal_has_step(j->env->journal, j->job_id, "glance-location", "done") == 1)
+            run_flatten(j, &dt);
+        return;
+    }
+    if (status == GLANCE_IMAGE_QUEUED && j->task != TASK_NONE && j->task != TASK_STATE_MAX &&
+        jj->attempts < RECOVERY_MAX_ATTEMPTS) {
+        /* Nothing of it is in Glance: take the point in time again and go on from the task
+         * state reported last. */
+        log_info(LOG_WORKER, "instance %s: resuming job %s from task_state %s (attempt %d)",
+                 inst->uuid, j->job_id, task_state_to_string(j->task), jj->attempts + 1);
+        j->floor = j->task;
+        j->task = TASK_IMAGE_SNAPSHOT_PENDING;
+        pipeline(j, gc);
+        return;
+    }
+    char msg[256];
+    if (jj->attempts >= RECOVERY_MAX_ATTEMPTS)
+        snprintf(msg, sizeof(msg), "the agent stopped during this snapshot %d times; giving up",
+                 jj->attempts);
+    else
+        snprintf(msg, sizeof(msg), "the agent stopped during this snapshot (image %s, "
+                 "task_state %s): it cannot be resumed", glance_image_status_to_string(status),
+                 jj->task_state ? jj->task_state : "None");
+    fail_job(j, gc, -EINTR, msg);
 }
 
 void
-snapshot_abandon(struct snapshot_env *env, struct rpc_request *req)
+snapshot_run(struct snapshot_env *env, struct snapshot_task *t)
 {
-    (void)env;
-    log_warning(LOG_WORKER, "instance %s: snapshot to image %s abandoned: the agent stopped "
-                "before it started", req->instance ? req->instance->uuid : "-",
-                req->image_id ? req->image_id : "-");
+    struct job j;
+    struct rpc_request *req = t->req;
+    const struct instance *inst = req->instance;
+    _cleanup_(glance_client_freep) struct glance_client *gc = NULL;
+    struct agent_err err = {0};
+    int r;
+
+    job_init(&j, env, req);
+    if (t->recovered)
+        log_info(LOG_WORKER, "instance %s: recovering job %s (image %s, %s, task_state %s)",
+                 inst->uuid, j.job_id, req->image_id,
+                 journal_job_state_to_string(t->recovered->state),
+                 t->recovered->task_state ? t->recovered->task_state : "None");
+    else
+        log_info(LOG_WORKER, "instance %s: snapshot to image %s starting (request %s)",
+                 inst->uuid, req->image_id, req->ctx.request_id ?: "-");
+    if (env->journal && journal_job_started(env->journal, j.job_id, &err) < 0) {
+        log_error(LOG_JOURNAL, "job %s: start not journaled: %s", j.job_id, err.msg);
+        agent_err_clear(&err);
+    }
+
+    r = job_connect(&j, &gc, &err);
+    if (r < 0) {
+        if (t->recovered) {
+            /* Left unfinished in the journal: the next start tries again. */
+            log_error(LOG_WORKER, "instance %s: recovering job %s: %s; left for the next start",
+                      inst->uuid, j.job_id, err.msg);
+            goto done;
+        }
+        log_error(LOG_WORKER, "instance %s: snapshot to image %s failed: %s", inst->uuid,
+                  req->image_id, err.msg);
+        if (gc)
+            delete_image(&j, gc);
+        transition(&j, TASK_EV_FAIL, NULL);
+        notify_error(&j, r, err.msg);
+        job_finish(&j, JOURNAL_FAILED, err.msg);
+        goto done;
+    }
+    if (t->recovered)
+        recover(&j, gc, t->recovered);
+    else
+        pipeline(&j, gc);
+done:
     rpc_request_free(req);
+    journal_job_free(t->recovered);
+    free(t);
+}
+
+void
+snapshot_abandon(struct snapshot_env *env, struct snapshot_task *t)
+{
+    log_warning(LOG_WORKER, "instance %s: snapshot to image %s not started before the agent "
+                "stopped: %s", t->req->instance ? t->req->instance->uuid : "-",
+                t->req->image_id ? t->req->image_id : "-",
+                env->journal ? "left in the journal for the next start" : "dropped (no journal)");
+    rpc_request_free(t->req);
+    journal_job_free(t->recovered);
+    free(t);
+}
+
+int
+snapshot_accept(struct snapshot_env *env, struct rpc_request *req, struct snapshot_task **ret)
+{
+    struct snapshot_task *t;
+    struct agent_err err = {0};
+    char job_id[48];
+    int r;
+
+    if (!req->instance || !req->image_id || !req->instance->uuid)
+        return -EINVAL;
+    if (env->journal) {
+        snprintf(job_id, sizeof(job_id), "snap-%.36s", req->image_id);
+        r = journal_job_add(env->journal, job_id, req->instance->uuid, req->image_id,
+                            req->unique_id, req->raw, req->raw_len, req->content_type, &err);
+        if (r == 0) {
+            log_info(LOG_WORKER, "instance %s: snapshot to image %s is journaled already "
+                     "(message %s): duplicate dropped", req->instance->uuid, req->image_id,
+                     req->unique_id ?: "-");
+            rpc_request_free(req);
+            return 0;
+        }
+        if (r < 0) {
+            log_error(LOG_JOURNAL, "instance %s: cannot journal the snapshot to image %s: %s",
+                      req->instance->uuid, req->image_id, err.msg);
+            return r;
+        }
+    }
+    t = calloc(1, sizeof(*t));
+    if (!t)
+        return -ENOMEM;
+    t->req = req;
+    *ret = t;
+    return 1;
+}
+
+/* Clean what the journaled job may have left, before anything else runs. */
+static void
+reconcile_cleanup(struct snapshot_env *env, struct rpc_request *req, const struct journal_job *jj)
+{
+    struct job j;
+    struct agent_err err = {0};
+    struct direct_target dt;
+    void *bh = NULL;
+
+    job_init(&j, env, req);
+    if (backend_handle(env, &bh, &err) < 0) {
+        log_error(LOG_WORKER, "job %s: cannot clean up now: %s; the job's recovery retries",
+                  j.job_id, err.msg);
+        return;
+    }
+    j.backend_h = bh;
+    /* A guest frozen for an rbd snapshot is thawed by the libvirt side. */
+    if (env->quiesce_backend && env->quiesce_h && env->quiesce_backend->cleanup_job &&
+        env->quiesce_backend->cleanup_job(env->quiesce_h, &j.sj, &err) < 0) {
+        log_error(LOG_WORKER, "job %s: guest cleanup: %s", j.job_id, err.msg);
+        agent_err_clear(&err);
+    }
+    bool registered = journal_has_step(env->journal, j.job_id, "glance-location", "done") == 1;
+    if (journaled_target(jj, &j, &dt) && !registered && env->backend->direct_undo) {
+        /* A clone Glance never got: remove it (and the snapshot it hangs on). */
+        if (env->backend->direct_undo(bh, &j.sj, &dt, &err) < 0) {
+            log_error(LOG_WORKER, "job %s: removing the unregistered clone %s/%s: %s", j.job_id,
+                      dt.pool, req->image_id, err.msg);
+            agent_err_clear(&err);
+        } else {
+            journal_set_flatten(env->journal, j.job_id, NULL, NULL, NULL);
+            log_info(LOG_WORKER, "job %s: unregistered clone %s/%s removed", j.job_id, dt.pool,
+                     req->image_id);
+        }
+    }
+    if (env->backend->cleanup_job && env->backend->cleanup_job(bh, &j.sj, &err) < 0 &&
+        !(err.code == -EBUSY && registered))
+        log_error(LOG_WORKER, "job %s: cleanup: %s", j.job_id, err.msg);
+}
+
+int
+snapshot_reconcile(struct snapshot_env *env, struct snapshot_task ***ret)
+{
+    struct journal_job **v = NULL;
+    struct snapshot_task **tasks;
+    struct agent_err err = {0};
+    size_t nt = 0;
+    int n;
+
+    *ret = NULL;
+    if (!env->journal)
+        return 0;
+    n = journal_unfinished(env->journal, &v, &err);
+    if (n < 0) {
+        log_error(LOG_JOURNAL, "%s", err.msg);
+        return n;
+    }
+    tasks = calloc((size_t)n + 1, sizeof(*tasks));
+    if (!tasks) {
+        for (int i = 0; i < n; i++)
+            journal_job_free(v[i]);
+        free(v);
+        return -ENOMEM;
+    }
+    if (n > 0)
+        log_info(LOG_WORKER, "journal: %d unfinished job(s) from an earlier run", n);
+    for (int i = 0; i < n; i++) {
+        struct journal_job *jj = v[i];
+        struct rpc_request *req = NULL;
+        struct snapshot_task *t;
+
+        agent_err_clear(&err);
+        if (rpc_parse_delivery(jj->body, jj->body_len, jj->content_type, &req, &err) < 0 ||
+            !req->instance || !req->image_id) {
+            log_error(LOG_JOURNAL, "job %s: journaled request unreadable (%s): marked failed",
+                      jj->job_id, err.msg[0] ? err.msg : "no instance or image");
+            journal_job_finish(env->journal, jj->job_id, JOURNAL_FAILED,
+                               "journaled request unreadable", NULL);
+            rpc_request_free(req);
+            journal_job_free(jj);
+            continue;
+        }
+        log_info(LOG_WORKER, "journal: job %s (instance %s, image %s) was %s at task_state %s, "
+                 "%d start(s): cleaning up", jj->job_id, jj->instance_uuid, jj->image_id,
+                 journal_job_state_to_string(jj->state), jj->task_state ?: "None",
+                 jj->attempts);
+        if (jj->state != JOURNAL_QUEUED)
+            reconcile_cleanup(env, req, jj);
+        t = calloc(1, sizeof(*t));
+        if (!t) {
+            rpc_request_free(req);
+            journal_job_free(jj);
+            continue;
+        }
+        t->req = req;
+        t->recovered = jj;
+        tasks[nt++] = t;
+    }
+    free(v);
+    *ret = tasks;
+    return (int)nt;
 }

@@ -65,6 +65,8 @@ struct job {
      * before the crash and are not reported twice. */
     enum task_state floor;
     bool start_sent; /* snapshot.start went out (before a crash, for a recovered job) */
+    bool error_sent; /* the error notifications went out (before a crash) */
+    bool cleanup_pending; /* a cleanup gave up: the job stays unfinished for the next start */
 };
 
 /* Test-only (absent from release builds): CA_TEST_CRASH_AT=resource:state kills the agent with
@@ -258,6 +260,8 @@ notify_error(struct job *j, int code, const char *msg)
     struct rpc_notify_fault f;
     struct agent_err err = {0};
 
+    if (j->error_sent)
+        return;
     fault_for(code, msg, &f);
     if (rpc_notify_error(&j->nopts, j->req, &j->st, &f, &v, &err) < 0) {
         log_warning(LOG_WORKER, "instance %s: cannot build the error notifications: %s, ignoring",
@@ -265,6 +269,8 @@ notify_error(struct job *j, int code, const char *msg)
         return;
     }
     publish(j, v, "error");
+    j->error_sent = true;
+    job_step(j, "notify", "error");
 }
 
 static const char *
@@ -273,17 +279,70 @@ consistency_of(const struct view_info *vi)
     return vi->frozen ? "filesystem" : "crash";
 }
 
+/* How long a failed cleanup (image deletion, rbd rollback, view leftovers) is retried while the
+ * job runs: long enough for a restarted Glance or OSD to come back. After that the job stays
+ * unfinished in the journal and the next start retries. */
+#define CLEANUP_RETRY_S 300
+#define CLEANUP_PAUSE_MS 5000
+
+typedef int (*cleanup_fn)(struct job *j, void *arg, struct agent_err *err);
+
+static bool
+retry_cleanup(struct job *j, const char *what, cleanup_fn fn, void *arg)
+{
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (int attempt = 1;; attempt++) {
+        struct agent_err err = {0};
+        if (fn(j, arg, &err) >= 0) {
+            if (attempt > 1)
+                log_info(LOG_WORKER, "instance %s: %s done (attempt %d)",
+                         j->req->instance->uuid, what, attempt);
+            return true;
+        }
+        if (ms_since(&t0) >= CLEANUP_RETRY_S * 1000LL) {
+            log_error(LOG_WORKER, "instance %s: %s: %s; gave up after %d s, the job stays in the "
+                      "journal and the next start retries", j->req->instance->uuid, what,
+                      err.msg, CLEANUP_RETRY_S);
+            j->cleanup_pending = true;
+            job_step(j, "cleanup", "pending");
+            return false;
+        }
+        if (attempt == 1)
+            log_warning(LOG_WORKER, "instance %s: %s: %s; retrying every %d s for up to %d s",
+                        j->req->instance->uuid, what, err.msg, CLEANUP_PAUSE_MS / 1000,
+                        CLEANUP_RETRY_S);
+        struct timespec ts = {.tv_sec = CLEANUP_PAUSE_MS / 1000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static int
+cleanup_job_fn(struct job *j, void *arg, struct agent_err *err)
+{
+    const struct snap_job *sj = arg;
+    return j->env->backend->cleanup_job(j->backend_h, sj, err);
+}
+
 /* After a failed open_view or close_view: let the backend finish the job's leftovers (a thaw it
  * could not confirm, a job it could not end). */
 static void
 cleanup_leftovers(struct job *j, const struct snap_job *sj)
 {
-    struct agent_err err = {0};
+    if (j->env->backend->cleanup_job)
+        retry_cleanup(j, "cleaning up the snapshot's leftovers", cleanup_job_fn, (void *)sj);
+}
 
-    if (j->env->backend->cleanup_job &&
-        j->env->backend->cleanup_job(j->backend_h, sj, &err) < 0)
-        log_error(LOG_WORKER, "instance %s: snapshot leftovers of job %s not cleaned: %s",
-                  sj->instance_uuid, sj->job_id, err.msg);
+/* Remove a direct snapshot's clone and temporary snapshot (idempotent), then forget the target. */
+static int
+direct_undo_fn(struct job *j, void *arg, struct agent_err *err)
+{
+    const struct direct_target *t = arg;
+    int r = j->env->backend->direct_undo(j->backend_h, &j->sj, t, err);
+
+    if (r >= 0 && j->env->journal)
+        journal_set_flatten(j->env->journal, j->job_id, NULL, NULL, NULL);
+    return r;
 }
 
 /* Steps 2–4: view, metadata, stream. On success the image is active and verified. */
@@ -532,8 +591,12 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
             journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
         return 0;
     }
-    if (r < 0 && env->journal) /* rolled back by the backend */
-        journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
+    if (r < 0) {
+        /* The backend rolled back; make sure (a dead OSD may have stopped its rollback). */
+        struct agent_err uerr = {0};
+        if (direct_undo_fn(j, t, &uerr) < 0)
+            retry_cleanup(j, "removing what the failed direct snapshot made", direct_undo_fn, t);
+    }
     *ret_tried = true;
     if (r < 0) {
         *ret_instance_gone = r == -ENOENT;
@@ -580,13 +643,8 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
         glance_image_release(&img);
     }
     if (r < 0) {
-        struct agent_err uerr = {0};
         *ret_image_gone = r == -ENOENT;
-        if (env->backend->direct_undo(j->backend_h, sj, t, &uerr) < 0)
-            log_error(LOG_WORKER, "instance %s: removing the clone of image %s: %s",
-                      inst->uuid, j->req->image_id, uerr.msg);
-        else if (env->journal)
-            journal_set_flatten(env->journal, j->job_id, NULL, NULL, NULL);
+        retry_cleanup(j, "removing the clone of the image", direct_undo_fn, t);
         return r;
     }
     log_info(LOG_WORKER, "instance %s: image %s registered at %s (%llu bytes, nothing streamed)",
@@ -597,16 +655,20 @@ try_direct(struct job *j, struct glance_client *gc, bool *ret_tried, bool *ret_i
     return 0;
 }
 
-/* nova's delete_image_on_error: the half-made image must not stay behind. */
+static int
+delete_image_fn(struct job *j, void *arg, struct agent_err *err)
+{
+    int r = glance_image_delete(arg, j->req->image_id, err);
+    return r == -ENOENT ? 0 : r;
+}
+
+/* nova's delete_image_on_error: the half-made image must not stay behind (retried while Glance
+ * is away). */
 static void
 delete_image(struct job *j, struct glance_client *gc)
 {
-    struct agent_err err = {0};
-    int r = glance_image_delete(gc, j->req->image_id, &err);
-
-    if (r < 0 && r != -ENOENT)
-        log_warning(LOG_WORKER, "instance %s: deleting image %s: %s, ignoring",
-                    j->req->instance->uuid, j->req->image_id, err.msg);
+    if (retry_cleanup(j, "deleting the failed snapshot's image", delete_image_fn, gc))
+        job_step(j, "glance-image", "deleted");
 }
 
 /* The backend handle, opened on first use. */
@@ -707,6 +769,11 @@ job_finish(struct job *j, enum journal_job_state st, const char *reason)
 {
     struct agent_err err = {0};
 
+    if (st == JOURNAL_FAILED && j->cleanup_pending) {
+        log_warning(LOG_WORKER, "instance %s: job %s failed with cleanup left to do: it stays "
+                    "in the journal for the next start", j->req->instance->uuid, j->job_id);
+        return;
+    }
     if (j->env->journal && journal_job_finish(j->env->journal, j->job_id, st, reason, &err) < 0)
         log_error(LOG_JOURNAL, "job %s: end not journaled: %s", j->job_id, err.msg);
 }
@@ -896,6 +963,11 @@ recover(struct job *j, struct glance_client *gc, const struct journal_job *jj)
     j->task = ts < 0 ? TASK_NONE : (enum task_state)ts;
     j->st.task_state = task_state_to_string(j->task);
     j->start_sent = journal_has_step(j->env->journal, j->job_id, "notify", "snapshot.start") == 1;
+    j->error_sent = journal_has_step(j->env->journal, j->job_id, "notify", "error") == 1;
+    if (journaled_target(jj, j, &dt) &&
+        journal_has_step(j->env->journal, j->job_id, "glance-location", "done") != 1 &&
+        !retry_cleanup(j, "removing the unregistered clone", direct_undo_fn, &dt))
+        return; /* stays unfinished: the next start tries again */
     bool end_sent = journal_has_step(j->env->journal, j->job_id, "notify", "snapshot.end") == 1;
 
     r = recovered_image_status(j, gc, &status, &err);

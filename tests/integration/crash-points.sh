@@ -13,13 +13,16 @@
 #      checker or gone (never queued/saving), the last task_state reported (legacy
 #      instance.update from this host) None, and a failed job's error notifications sent;
 #   4. a second restart finds nothing to reconcile (reconciling twice changes nothing).
-# Prints one line per point: the outcome and how long the recovery took.
+# Prints one line per point and a table: the outcome and how long the recovery took.
+# Run through test-crash-qcow2.sh and test-crash-rbd.sh (one ctest each), or directly:
 #
-#   CA_CRASH_PATHS="qcow2 rbd" (default both), CA_CRASH_POINTS="freeze:done ..." (default all)
+#   CA_CRASH_PATHS="qcow2 rbd" (default both), CA_CRASH_POINTS="freeze:done ..." (default all),
+#   CA_KEEP=1 keeps the temporary directory (agent logs, journals) for a look
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/deploy/lib.sh"
-SVC=test-crash
+SVC=test-crash-${CA_CRASH_PATHS:-all}
+SVC=${SVC// /-}
 build=${CA_BUILD_DIR:-$root/build/debug}
 agent=${CA_AGENT:-$build/compute-agent}
 check=$build/tests/tools/ca-imgcheck
@@ -222,7 +225,7 @@ crash_at() { # crash_at KIND POINT INDEX (the case's name is short: it names a u
     rc=0
     wait_for 300 "the agent to die at $point" sh -c "! kill -0 $agent_pid || grep -qE 'snapshot to image $img (done|failed|refused)' '$agent_log'" || true
     pid_alive "$agent_pid" && kill -KILL "$agent_pid"
-    wait "$agent_pid" || rc=$?
+    wait "$agent_pid" 2>/dev/null || rc=$?
     agent_pid=
     if [ "$rc" -ne 137 ] || ! grep -q "killed at $point" "$agent_log"; then
         bad "$point: agent did not die at the point (exit $rc): $(tail -2 "$agent_log" | tr '\n' ' ')"

@@ -67,6 +67,8 @@ struct job {
     bool start_sent; /* snapshot.start went out (before a crash, for a recovered job) */
     bool error_sent; /* the error notifications went out (before a crash) */
     bool cleanup_pending; /* a cleanup gave up: the job stays unfinished for the next start */
+    int flatten_decile;   /* progress last logged, -1 before the first */
+    bool flatten_halfway;
 };
 
 /* Test-only (absent from release builds): CA_TEST_CRASH_AT=resource:state kills the agent with
@@ -513,13 +515,17 @@ static void
 flatten_progress(void *ctx, uint64_t done, uint64_t total)
 {
     struct job *j = ctx;
-    static __thread int last_decile = -1;
     int decile = total ? (int)(done * 10 / total) : 10;
 
-    if (decile != last_decile) {
-        last_decile = decile;
+    if (decile != j->flatten_decile) {
+        j->flatten_decile = decile;
         log_info(LOG_WORKER, "instance %s: flattening image %s: %d%%", j->req->instance->uuid,
                  j->req->image_id, decile * 10);
+        /* A point in the middle of the copy, for the journal's history and crash tests. */
+        if (decile >= 5 && !j->flatten_halfway) {
+            j->flatten_halfway = true;
+            job_step(j, "flatten", "halfway");
+        }
     }
 }
 
@@ -804,6 +810,7 @@ run_flatten(struct job *j, struct direct_target *dt)
      * the temporary snapshot. A failure leaves a working image (still a clone): logged, and
      * retried by the next start (the journal keeps it due). */
     clock_gettime(CLOCK_MONOTONIC, &tf);
+    j->flatten_decile = -1;
     job_step(j, "flatten", "intent");
     if (env->backend->flatten(j->backend_h, &j->sj, dt, flatten_progress, j, &ferr) < 0) {
         log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s; the next start "

@@ -74,7 +74,15 @@ svc_stop_all() {
 # svc_spawn NAME LABEL LOGFILE CMD...: start CMD detached in its own session, record its PID.
 svc_spawn() {
     local name=$1 label=$2 logf=$3; shift 3
-    setsid "$@" > "$logf" 2>&1 < /dev/null &
+    # The daemon keeps no descriptor of its caller beyond 0-2 (a test runner's output pipe or a
+    # flock would otherwise stay open, and held, for the daemon's whole life).
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            [ "$fd" -gt 2 ] 2>/dev/null && eval "exec $fd>&-" 2>/dev/null
+        done
+        exec setsid "$@" > "$logf" 2>&1 < /dev/null
+    ) &
     svc_record_pid "$name" "$label" "$!"
 }
 

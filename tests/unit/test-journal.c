@@ -168,9 +168,15 @@ main(void)
     test_lock();
     test_jobs();
     test_bad_state_path();
-    char cmd[600];
-    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
+    static const char *const files[] = {"compute-agent-journal.sqlite",
+                                        "compute-agent-journal.sqlite-wal",
+                                        "compute-agent-journal.sqlite-shm", "compute-agent.lock"};
+    char path[600];
+    for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dir, files[i]);
+        unlink(path);
+    }
+    if (rmdir(dir) < 0)
         fprintf(stderr, "could not remove %s\n", dir);
     return test_done();
 }

@@ -62,6 +62,9 @@ struct snap_job {
      * agent there. */
     void (*step)(void *ctx, const char *resource, const char *state);
     void *step_ctx;
+    /* cleanup_job: storage-client ids of earlier, dead runs of the agent (session_id), NULL-
+     * terminated, or NULL. Locks they still hold on the job's disks may be broken. */
+    char *const *dead_sessions;
 };
 
 static inline void
@@ -188,6 +191,11 @@ struct disk_backend_ops {
     int (*flatten)(void *h, const struct snap_job *job, const struct direct_target *t,
                    void (*progress)(void *ctx, uint64_t done, uint64_t total), void *ctx,
                    struct agent_err *err);
+    /* Optional. This process's storage-client id (rbd: "client.<gid>"), which locks it takes
+     * carry: the journal keeps it so that, after a crash, the next start can break the locks the
+     * dead process still holds (cleanup_job with snap_job.dead_sessions) instead of waiting for
+     * them to time out while the guest's I/O waits too. */
+    int (*session_id)(void *h, char *buf, size_t size);
 };
 
 extern const struct disk_backend_ops qcow2_backend_ops;

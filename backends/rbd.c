@@ -797,6 +797,49 @@ cephrbd_open_view(void *hv, const struct snap_job *job, struct disk_view **ret_v
 }
 
 static int
+cephrbd_session_id(void *hv, char *buf, size_t size)
+{
+    struct rbd_handle *h = hv;
+    int n = snprintf(buf, size, "client.%" PRIu64, rados_get_instance_id(h->cluster));
+
+    return n > 0 && (size_t)n < size ? 0 : -ENAMETOOLONG;
+}
+
+/* A crashed agent may still own the disk's exclusive lock (taken for its snapshot): every other
+ * client, the guest's QEMU included, would wait for its watch to time out (~30 s) before getting
+ * the lock back. Break it now if its owner is one of the agent's dead sessions. */
+static void
+break_dead_locks(rados_ioctx_t io, const char *pool, const char *name, char *const *dead)
+{
+    char *owners[8];
+    size_t n = ELEMENTSOF(owners);
+    rbd_lock_mode_t mode;
+    rbd_image_t img = NULL;
+    int r;
+
+    if (!dead || !dead[0] || rbd_open(io, name, &img, NULL) < 0)
+        return;
+    r = rbd_lock_get_owners(img, &mode, owners, &n);
+    if (r >= 0) {
+        for (size_t i = 0; i < n; i++) {
+            for (size_t k = 0; dead[k]; k++) {
+                if (strcmp(owners[i], dead[k]) != 0)
+                    continue;
+                r = rbd_lock_break(img, mode, owners[i]);
+                if (r < 0)
+                    log_warning(LOG_RBD, "breaking the lock of dead agent session %s on %s/%s: "
+                                "%s", owners[i], pool, name, strerror(-r));
+                else
+                    log_info(LOG_RBD, "broke the lock a dead agent session (%s) held on %s/%s",
+                             owners[i], pool, name);
+            }
+        }
+        rbd_lock_get_owners_cleanup(owners, n);
+    }
+    rbd_close(img);
+}
+
+static int
 cephrbd_cleanup_job(void *hv, const struct snap_job *job, struct agent_err *err)
 {
     struct rbd_handle *h = hv;
@@ -810,6 +853,7 @@ cephrbd_cleanup_job(void *hv, const struct snap_job *job, struct agent_err *err)
     r = ioctx_open(h, h->pool, &io, err);
     if (r < 0)
         goto cleanup;
+    break_dead_locks(io, h->pool, disk, job->dead_sessions);
     r = image_snap_remove_gone(io, h->pool, disk, job->job_id, err);
     if (r == -EBUSY)
         err_append(err, "a direct snapshot's clone still depends on it: flatten or "
@@ -1127,9 +1171,11 @@ cephrbd_direct_undo(void *hv, const struct snap_job *job, const struct direct_ta
     if (r < 0)
         goto cleanup;
     r = rados_ioctx_create(h->cluster, t->pool, &dio);
-    if (r == 0)
+    if (r == 0) {
+        break_dead_locks(sio, h->pool, disk, job->dead_sessions);
+        break_dead_locks(dio, t->pool, t->image_id, job->dead_sessions);
         r = clone_remove_gone(dio, t->pool, t->image_id, err);
-    else if (r != -ENOENT) /* no such pool: no clone in it */
+    } else if (r != -ENOENT) /* no such pool: no clone in it */
         ceph_fail(err, r, "open pool '%s'", t->pool);
     else
         r = 0;
@@ -1173,8 +1219,10 @@ cephrbd_flatten(void *hv, const struct snap_job *job, const struct direct_target
         ceph_fail(err, r, "open pool '%s'", t->pool);
         goto cleanup;
     }
-    if (r == 0)
+    if (r == 0) {
+        break_dead_locks(dio, t->pool, t->image_id, job->dead_sessions);
         r = rbd_open(dio, t->image_id, &cl, NULL);
+    }
     if (r == -ENOENT) {
         /* The image (or its pool) was deleted meanwhile: only the parent snapshot is left. */
         log_debug(LOG_RBD, "job %s: clone %s/%s is gone, nothing to flatten", job->job_id,
@@ -1214,6 +1262,7 @@ const struct disk_backend_ops rbd_backend_ops = {
     .close_view = cephrbd_close_view,
     .free_view = cephrbd_free_view,
     .cleanup_job = cephrbd_cleanup_job,
+    .session_id = cephrbd_session_id,
     .direct_snapshot = cephrbd_direct_snapshot,
     .direct_undo = cephrbd_direct_undo,
     .flatten = cephrbd_flatten,

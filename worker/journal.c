@@ -84,6 +84,11 @@ static const char SCHEMA[] =
     " resource TEXT NOT NULL,"
     " state TEXT NOT NULL,"
     " at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));"
+    "CREATE TABLE IF NOT EXISTS sessions ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " backend TEXT NOT NULL,"
+    " id TEXT NOT NULL,"
+    " at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')));"
     "CREATE INDEX IF NOT EXISTS steps_job ON steps(job_id, resource, state);"
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);";
 
@@ -439,6 +444,52 @@ journal_unfinished(struct journal *j, struct journal_job ***ret, struct agent_er
         free(v);
         return r == -ENOMEM ? agent_err_set(err, r, "journal: out of memory")
                             : agent_err_set(err, r, "journal %s: bad job row", j->path);
+    }
+    *ret = v;
+    return (int)n;
+}
+
+#define SESSIONS_KEPT 16
+
+int
+journal_session_add(struct journal *j, const char *backend, const char *id,
+                    struct agent_err *err)
+{
+    int r = run(j, "INSERT INTO sessions (backend, id) VALUES (?, ?)", err, 2, backend, id, NULL,
+                NULL);
+    if (r >= 0) {
+        char sql[160];
+        snprintf(sql, sizeof(sql), "DELETE FROM sessions WHERE seq <= (SELECT max(seq) FROM "
+                 "sessions) - %d", SESSIONS_KEPT);
+        r = run(j, sql, err, 0, NULL, NULL, NULL, NULL);
+    }
+    return r < 0 ? r : 0;
+}
+
+int
+journal_sessions(struct journal *j, const char *backend, char ***ret, struct agent_err *err)
+{
+    _cleanup_(stmt_finalizep) sqlite3_stmt *st = NULL;
+    char **v = calloc(SESSIONS_KEPT + 1, sizeof(*v));
+    size_t n = 0;
+    int r, rc = SQLITE_DONE;
+
+    if (!v)
+        return -ENOMEM;
+    pthread_mutex_lock(&j->lock);
+    r = prepare(j, "SELECT id FROM sessions WHERE backend = ? ORDER BY seq DESC", &st, err, 1,
+                backend, NULL, NULL, NULL);
+    while (r >= 0 && n < SESSIONS_KEPT && (rc = sqlite3_step(st)) == SQLITE_ROW)
+        if (!(v[n++] = col_dup(st, 0)))
+            r = -ENOMEM;
+    if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
+        r = db_fail(j, err, rc, "read sessions");
+    pthread_mutex_unlock(&j->lock);
+    if (r < 0) {
+        for (size_t i = 0; i < n; i++)
+            free(v[i]);
+        free(v);
+        return r;
     }
     *ret = v;
     return (int)n;

@@ -84,3 +84,10 @@ int journal_job_finish(struct journal *j, const char *job_id, enum journal_job_s
 /* Every unfinished job (QUEUED or RUNNING, or finished with a flatten still due), oldest first.
  * Returns the count and *ret (free each with journal_job_free, then free the array), or -errno. */
 int journal_unfinished(struct journal *j, struct journal_job ***ret, struct agent_err *err);
+
+/* Storage-client sessions of agent runs (struct disk_backend_ops.session_id), newest last; the
+ * journal keeps the last 16. journal_sessions returns those recorded for backend, newest first,
+ * as a NULL-terminated array (free each and the array), or -errno. */
+int journal_session_add(struct journal *j, const char *backend, const char *id,
+                        struct agent_err *err);
+int journal_sessions(struct journal *j, const char *backend, char ***ret, struct agent_err *err);

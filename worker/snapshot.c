@@ -695,6 +695,15 @@ backend_handle(struct snapshot_env *env, void **ret_h, struct agent_err *err)
             .rbd_pool = env->cfg->images_rbd_pool,
         };
         r = env->backend->open(&bc, &env->backend_h, err);
+        char sid[128];
+        struct agent_err jerr = {0};
+        if (r >= 0 && env->journal && env->backend->session_id &&
+            env->backend->session_id(env->backend_h, sid, sizeof(sid)) == 0) {
+            if (journal_session_add(env->journal, env->backend->name, sid, &jerr) < 0)
+                log_error(LOG_JOURNAL, "backend session %s not journaled: %s", sid, jerr.msg);
+            else
+                log_debug(LOG_JOURNAL, "%s session %s", env->backend->name, sid);
+        }
     }
     if (r >= 0 && env->quiesce_backend && !env->quiesce_h) {
         struct disk_backend_config lc = {.connection_uri = env->cfg->connection_uri};
@@ -716,6 +725,10 @@ snapshot_env_release(struct snapshot_env *env)
     if (env->quiesce_backend && env->quiesce_h)
         env->quiesce_backend->close(env->quiesce_h);
     env->backend_h = env->quiesce_h = NULL;
+    for (size_t i = 0; env->dead_sessions && env->dead_sessions[i]; i++)
+        free(env->dead_sessions[i]);
+    free(env->dead_sessions);
+    env->dead_sessions = NULL;
 }
 
 /* The job's fixed parts, from its request. */
@@ -747,6 +760,7 @@ job_init(struct job *j, struct snapshot_env *env, struct rpc_request *req)
         .agent_timeout_s = 10,
         .step = job_step,
         .step_ctx = j,
+        .dead_sessions = env->dead_sessions,
     };
 }
 
@@ -1149,21 +1163,24 @@ reconcile_cleanup(struct snapshot_env *env, struct rpc_request *req, const struc
         agent_err_clear(&err);
     }
     bool registered = journal_has_step(env->journal, j.job_id, "glance-location", "done") == 1;
-    if (journaled_target(jj, &j, &dt) && !registered && env->backend->direct_undo) {
+    bool direct = journaled_target(jj, &j, &dt);
+    /* First the view's leftovers (and the locks a dead run holds on the disk); the snapshot of
+     * a direct job stays while its clone exists (EBUSY). */
+    if (env->backend->cleanup_job && env->backend->cleanup_job(bh, &j.sj, &err) < 0 &&
+        !(err.code == -EBUSY && direct))
+        log_error(LOG_WORKER, "job %s: cleanup: %s", j.job_id, err.msg);
+    agent_err_clear(&err);
+    if (direct && !registered && env->backend->direct_undo) {
         /* A clone Glance never got: remove it (and the snapshot it hangs on). */
         if (env->backend->direct_undo(bh, &j.sj, &dt, &err) < 0) {
             log_error(LOG_WORKER, "job %s: removing the unregistered clone %s/%s: %s", j.job_id,
                       dt.pool, req->image_id, err.msg);
-            agent_err_clear(&err);
         } else {
             journal_set_flatten(env->journal, j.job_id, NULL, NULL, NULL);
             log_info(LOG_WORKER, "job %s: unregistered clone %s/%s removed", j.job_id, dt.pool,
                      req->image_id);
         }
     }
-    if (env->backend->cleanup_job && env->backend->cleanup_job(bh, &j.sj, &err) < 0 &&
-        !(err.code == -EBUSY && registered))
-        log_error(LOG_WORKER, "job %s: cleanup: %s", j.job_id, err.msg);
 }
 
 int
@@ -1178,6 +1195,12 @@ snapshot_reconcile(struct snapshot_env *env, struct snapshot_task ***ret)
     *ret = NULL;
     if (!env->journal)
         return 0;
+    /* Before this run opens the backend (and records its own session). */
+    if (env->backend && env->backend->session_id && !env->dead_sessions &&
+        journal_sessions(env->journal, env->backend->name, &env->dead_sessions, &err) < 0) {
+        log_error(LOG_JOURNAL, "%s", err.msg);
+        agent_err_clear(&err);
+    }
     n = journal_unfinished(env->journal, &v, &err);
     if (n < 0) {
         log_error(LOG_JOURNAL, "%s", err.msg);

@@ -22,6 +22,7 @@ struct snapshot_env {
     const struct disk_backend_ops *quiesce_backend;
     void *quiesce_h;
     struct journal *journal; /* NULL: no crash protection (tools, tests) */
+    char **dead_sessions;    /* the backend's sessions of earlier agent runs (journal) */
 };
 
 /* One unit of work for the job pool: a request just received, or a job the journal says an

@@ -145,6 +145,40 @@ test_jobs(void)
 }
 
 static void
+test_sessions(void)
+{
+    struct journal *j = NULL;
+    struct agent_err err = {0};
+    char **v = NULL, id[32];
+    int n;
+
+    test_begin("sessions");
+    if (journal_open(dir, &j, &err) < 0) {
+        CHECK(0, "open: %s", err.msg);
+        return;
+    }
+    n = journal_sessions(j, "rbd", &v, &err);
+    CHECK(n == 0 && v && !v[0], "none yet: %d", n);
+    free(v);
+    for (int i = 0; i < 20; i++) {
+        snprintf(id, sizeof(id), "client.%d", 100 + i);
+        CHECK(journal_session_add(j, "rbd", id, &err) == 0, "add %s: %s", id, err.msg);
+    }
+    CHECK(journal_session_add(j, "qcow2", "other", &err) == 0, "other backend");
+    n = journal_sessions(j, "rbd", &v, &err);
+    CHECK(n == 15, "the last 16 kept, one of them qcow2's: %d", n);
+    if (n > 0) {
+        CHECK(strcmp(v[0], "client.119") == 0, "newest first: %s", v[0]);
+        CHECK(v[n] == NULL, "NULL-terminated");
+    }
+    for (int i = 0; i < n; i++)
+        free(v[i]);
+    free(v);
+    journal_close(j);
+    test_end();
+}
+
+static void
 test_bad_state_path(void)
 {
     struct journal *j = NULL;
@@ -167,6 +201,7 @@ main(void)
     }
     test_lock();
     test_jobs();
+    test_sessions();
     test_bad_state_path();
     static const char *const files[] = {"compute-agent-journal.sqlite",
                                         "compute-agent-journal.sqlite-wal",

@@ -223,7 +223,8 @@ crash_at() { # crash_at KIND POINT INDEX (the case's name is short: it names a u
     img=$(create_image "$name"); images+=("$img")
     cast "$name" "$img" || return
     rc=0
-    wait_for 300 "the agent to die at $point" sh -c "! kill -0 $agent_pid || grep -qE 'snapshot to image $img (done|failed|refused)' '$agent_log'" || true
+    died_or_over() { ! kill -0 "$agent_pid" 2>/dev/null || job_over "$name" "$img"; }
+    wait_for 300 "the agent to die at $point" died_or_over || true
     pid_alive "$agent_pid" && kill -KILL "$agent_pid"
     wait "$agent_pid" 2>/dev/null || rc=$?
     agent_pid=

@@ -182,8 +182,9 @@ guest_clean() { # no frozen filesystem, no libvirt job on the domain
 
 rbd_clean() { # rbd: no temporary snapshot on the disk, no clone but the active image's
     local img=$1 status=$2 snaps clone
-    snaps=$(rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk 'NR > 1 && $2 ~ /^snap-/ {print $2}')
-    [ -z "$snaps" ] || { echo "temporary snapshot(s) left: $snaps"; return 1; }
+    # This job's temporary snapshot (other jobs may share the disk).
+    snaps=$(rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk -v s="snap-$img" 'NR > 1 && $2 == s {print $2}')
+    [ -z "$snaps" ] || { echo "temporary snapshot left: $snaps"; return 1; }
     clone=$(rbdc ls images 2>/dev/null | grep -Fx "$img" || true)
     if [ "$status" = active ]; then
         [ -n "$clone" ] || { echo "active image without its clone"; return 1; }

@@ -107,6 +107,7 @@ struct direct_target {
     const char *pool;     /* Glance's rbd pool */
     const char *fsid;     /* Glance's cluster (from an rbd:// location); NULL: assume ours */
     enum flatten_policy flatten;
+    bool resumed; /* flatten(): an earlier flatten of this clone may have been cut off */
 };
 
 struct direct_result {

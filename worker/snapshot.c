@@ -809,6 +809,8 @@ journaled_target(const struct journal_job *jj, struct job *j, struct direct_targ
         .pool = jj->flatten_pool,
         .fsid = jj->flatten_fsid,
         .flatten = (enum flatten_policy)j->env->cfg->images_rbd_flatten,
+        /* A flatten started before the crash may have been cut off midway. */
+        .resumed = journal_has_step(j->env->journal, j->job_id, "flatten", "intent") == 1,
     };
     return true;
 }

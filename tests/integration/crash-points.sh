@@ -94,7 +94,7 @@ start_agent() { # start_agent CASE [ENV...]: host and state_path belong to the c
     {
         printf '[DEFAULT]\nhost = %s\nstate_path = %s/%s/state\ntransport_url = %s\n' \
             "crash-$$-$name" "$tmp" "$name" "$TRANSPORT_URL"
-        printf 'graceful_shutdown_timeout = 30\n'
+        printf 'graceful_shutdown_timeout = 30\ndebug = rbd,qcow2,journal\n'
         printf '[libvirt]\nconnection_uri = %s\nsnapshots_directory = %s/%s/scratch\n' \
             "$LIBVIRT_URI" "$tmp" "$name"
         printf '[glance]\napi_servers = %s\n' "$GLANCE_URL"

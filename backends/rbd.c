@@ -847,6 +847,25 @@ break_dead_locks(rados_ioctx_t io, const char *pool, const char *name, char *con
     rbd_close(img);
 }
 
+/* The dead runs' clients still have watches on the images they had open: until Ceph times them
+ * out (~30 s), every notification on those images (a snapshot of the instance disk included,
+ * while the guest is frozen) waits for them. Blocklisting fences them and drops the watches at
+ * once. Only the most recent sessions can still have any; an hour outlives any watch. */
+#define FENCE_RECENT 4
+#define FENCE_SECONDS 3600
+
+static void
+fence_dead_sessions(struct rbd_handle *h, char *const *dead)
+{
+    for (size_t k = 0; dead && dead[k] && k < FENCE_RECENT; k++) {
+        int r = rados_blocklist_add(h->cluster, dead[k], FENCE_SECONDS);
+        if (r < 0)
+            log_warning(LOG_RBD, "blocklisting dead agent session %s: %s", dead[k], strerror(-r));
+        else
+            log_debug(LOG_RBD, "blocklisted dead agent session %s", dead[k]);
+    }
+}
+
 static int
 cephrbd_cleanup_job(void *hv, const struct snap_job *job, struct agent_err *err)
 {
@@ -861,6 +880,7 @@ cephrbd_cleanup_job(void *hv, const struct snap_job *job, struct agent_err *err)
     r = ioctx_open(h, h->pool, &io, err);
     if (r < 0)
         goto cleanup;
+    fence_dead_sessions(h, job->dead_sessions);
     break_dead_locks(io, h->pool, disk, job->dead_sessions);
     r = image_snap_remove_gone(io, h->pool, disk, job->job_id, err);
     if (r == -EBUSY)

@@ -52,6 +52,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -78,6 +79,8 @@ extern char **environ;
 /* NBD: connection set-up (qemu-nbd start + handshake), then any single command. */
 #define NBD_CONNECT_TIMEOUT_MS 30000
 #define NBD_IO_TIMEOUT_MS 120000
+/* Free space snapshots_directory must have before a view is made. */
+#define SCRATCH_MIN_FREE (4u * 1024 * 1024)
 /* Reads are split into requests of this size, several in flight (QEMU serves them in
  * parallel); block status asks for this much at a time (the server may answer less). */
 #define NBD_READ_CHUNK (1u * 1024 * 1024)
@@ -1445,6 +1448,16 @@ qcow2_guest_freeze(void *ctx, const struct snap_job *job, int *ret_frozen,
     if (mkdir(job->scratch_dir, 0755) < 0 && errno != EEXIST) {
         r = agent_err_set(err, -errno, "qcow2: create %s: %s", job->scratch_dir,
                           strerror(errno));
+        goto out;
+    }
+    /* The scratch file takes the blocks the guest overwrites during the snapshot; with no room
+     * QEMU's error would only name a file it could not create. */
+    struct statvfs sv;
+    if (statvfs(job->scratch_dir, &sv) == 0 &&
+        (uint64_t)sv.f_bavail * sv.f_frsize < SCRATCH_MIN_FREE) {
+        r = agent_err_set(err, -ENOSPC, "qcow2: [libvirt] snapshots_directory %s is full (%llu "
+                          "bytes free, at least %u needed)", job->scratch_dir,
+                          (unsigned long long)sv.f_bavail * sv.f_frsize, SCRATCH_MIN_FREE);
         goto out;
     }
     r = handle_conn(h, &conn, err);

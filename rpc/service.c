@@ -561,23 +561,14 @@ service_main(void *arg)
     return NULL;
 }
 
-/* Remove and free every message of batch b from list l (locked). */
+/* Let every message of batch b in list l (locked) go on without b: published and confirmed
+ * like a reply, nobody waiting for it. */
 static void
-drop_batch(struct msg_list *l, struct pub_batch *b)
+detach_batch(struct msg_list *l, struct pub_batch *b)
 {
-    struct out_msg **pp, *m;
-
-    for (pp = &l->head; (m = *pp);) {
-        if (m->batch == b) {
-            *pp = m->next;
-            out_msg_free(m);
-        } else {
-            pp = &m->next;
-        }
-    }
-    l->tail = NULL;
-    for (m = l->head; m; m = m->next)
-        l->tail = m;
+    for (struct out_msg *m = l->head; m; m = m->next)
+        if (m->batch == b)
+            m->batch = NULL;
 }
 
 int
@@ -645,9 +636,10 @@ rpc_service_publish(struct rpc_service *svc, const struct rpc_outgoing *msgs, si
     while (b.pending > 0 && r == 0)
         r = pthread_cond_timedwait(&b.cond, &svc->lock, &deadline);
     if (b.pending > 0) {
-        /* Timed out: withdraw what is left so the rpc thread never touches b again. */
-        drop_batch(&svc->outq, &b);
-        drop_batch(&svc->inflight, &b);
+        /* Timed out: the caller stops waiting, but what is left is still sent (after a
+         * reconnection if need be), detached from b so the rpc thread never touches it again. */
+        detach_batch(&svc->outq, &b);
+        detach_batch(&svc->inflight, &b);
     }
     pthread_mutex_unlock(&svc->lock);
     pthread_cond_destroy(&b.cond);

@@ -86,8 +86,8 @@ struct rpc_outgoing {
 
 /* Publish n messages (copied) through the rpc thread and wait until the broker confirmed every
  * one, across reconnections, or timeout_ms passes. Thread-safe; call from any thread but the rpc
- * thread. Returns 0 when all were confirmed; -ETIMEDOUT (none of the unconfirmed ones will be
- * sent any more), -EIO if the broker nacked one, -ECANCELED when the service stops, -ENOMEM. */
+ * thread. Returns 0 when all were confirmed; -ETIMEDOUT (the caller stops waiting; the unconfirmed
+ * ones are still sent, after a reconnection if need be), -EIO if the broker nacked one, -ECANCELED when the service stops, -ENOMEM. */
 int rpc_service_publish(struct rpc_service *svc, const struct rpc_outgoing *msgs, size_t n,
                         int timeout_ms, struct agent_err *err);
 

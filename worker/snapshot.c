@@ -132,8 +132,10 @@ publish(struct job *j, struct rpc_notification **v, const char *what)
 {
     struct agent_err err = {0};
     if (notifier_publish(j->rpc, v, NOTIFY_TIMEOUT_MS, &err) < 0)
-        log_warning(LOG_WORKER, "instance %s: %s notifications not confirmed: %s, ignoring",
-                    j->req->instance->uuid, what, err.msg);
+        log_warning(LOG_WORKER, "instance %s: %s notifications not confirmed: %s; %s",
+                    j->req->instance->uuid, what, err.msg,
+                    err.code == -ETIMEDOUT ? "they stay queued and go out once the broker is "
+                    "back" : "ignoring");
 }
 
 static void

@@ -1450,16 +1450,6 @@ qcow2_guest_freeze(void *ctx, const struct snap_job *job, int *ret_frozen,
                           strerror(errno));
         goto out;
     }
-    /* The scratch file takes the blocks the guest overwrites during the snapshot; with no room
-     * QEMU's error would only name a file it could not create. */
-    struct statvfs sv;
-    if (statvfs(job->scratch_dir, &sv) == 0 &&
-        (uint64_t)sv.f_bavail * sv.f_frsize < SCRATCH_MIN_FREE) {
-        r = agent_err_set(err, -ENOSPC, "qcow2: [libvirt] snapshots_directory %s is full (%llu "
-                          "bytes free, at least %u needed)", job->scratch_dir,
-                          (unsigned long long)sv.f_bavail * sv.f_frsize, SCRATCH_MIN_FREE);
-        goto out;
-    }
     r = handle_conn(h, &conn, err);
     if (r < 0)
         goto out;
@@ -2234,6 +2224,16 @@ qcow2_open_view(void *hv, const struct snap_job *job, struct disk_view **ret_v,
     if (mkdir(job->scratch_dir, 0755) < 0 && errno != EEXIST) {
         r = agent_err_set(err, -errno, "qcow2: create %s: %s", job->scratch_dir,
                           strerror(errno));
+        goto out;
+    }
+    /* The scratch file takes the blocks the guest overwrites during the snapshot; with no room
+     * QEMU's error would only name a file it could not create. */
+    struct statvfs sv;
+    if (statvfs(job->scratch_dir, &sv) == 0 &&
+        (uint64_t)sv.f_bavail * sv.f_frsize < SCRATCH_MIN_FREE) {
+        r = agent_err_set(err, -ENOSPC, "qcow2: [libvirt] snapshots_directory %s is full (%llu "
+                          "bytes free, at least %u needed)", job->scratch_dir,
+                          (unsigned long long)sv.f_bavail * sv.f_frsize, SCRATCH_MIN_FREE);
         goto out;
     }
 

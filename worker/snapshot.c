@@ -131,11 +131,15 @@ static void
 publish(struct job *j, struct rpc_notification **v, const char *what)
 {
     struct agent_err err = {0};
-    if (notifier_publish(j->rpc, v, NOTIFY_TIMEOUT_MS, &err) < 0)
-        log_warning(LOG_WORKER, "instance %s: %s notifications not confirmed: %s; %s",
-                    j->req->instance->uuid, what, err.msg,
-                    err.code == -ETIMEDOUT ? "they stay queued and go out once the broker is "
-                    "back" : "ignoring");
+    if (notifier_publish(j->rpc, v, NOTIFY_TIMEOUT_MS, &err) < 0) {
+        if (err.code == -ETIMEDOUT)
+            log_warning(LOG_WORKER, "instance %s: %s notifications still unconfirmed after %d s "
+                        "(broker away?): they stay queued and go out once it is back",
+                        j->req->instance->uuid, what, NOTIFY_TIMEOUT_MS / 1000);
+        else
+            log_warning(LOG_WORKER, "instance %s: %s notifications not confirmed: %s, ignoring",
+                        j->req->instance->uuid, what, err.msg);
+    }
 }
 
 static void

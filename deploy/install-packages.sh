@@ -24,6 +24,7 @@ SERVICE_PKGS=(
     python3-nova python3-oslo.messaging python3-libvirt
     curl procps iproute2 file
     gcc libc6-dev
+    python3-matplotlib          # bench/rbd-bench.sh draws its chart
 )
 
 case "$what" in

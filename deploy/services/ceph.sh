@@ -12,7 +12,8 @@
 # svc_spawn, and "stop" signals only the PIDs recorded here.
 #
 # install  packages, then create the cluster once (safe to repeat; a half-made cluster is redone)
-# start    create if needed, start mon then osd, wait for I/O, create pools and users once
+# start    create if needed, grow a stopped OSD to CA_CEPH_OSD_SIZE (never shrinks), start mon
+#          then osd, wait for I/O, create pools and users once
 # check    `ceph -s` answers, the OSD is up, client.nova can list pool vms; fails fast when down
 # stop     stop osd then mon; data is kept, so the next start takes a few seconds
 # status   one line
@@ -33,7 +34,13 @@ GLANCE_KEYRING=$D/ceph.client.glance.keyring
 MON_ID=a
 MON_PORT=${CA_CEPH_MON_PORT:-3300}
 MON_V1_PORT=${CA_CEPH_MON_V1_PORT:-6789}
-OSD_SIZE=${CA_CEPH_OSD_SIZE:-10G}     # virtual size of the sparse bluestore file
+# Virtual size of the sparse bluestore file. 24G leaves room for bench/rbd-bench.sh (an 8 GiB
+# instance disk plus its 8 GiB flattened clone, ~19 GiB with the full ratio's 5%) next to the
+# tests. Sparse, but bluestore never punches holes into a file (no discard on a file) and its
+# allocator spreads new writes over the whole device, so the file soon takes its full size on
+# the host's disk: a 40G one did within ~40 GiB of writes. A cluster made with a smaller size
+# grows at its next start (grow_osd).
+OSD_SIZE=${CA_CEPH_OSD_SIZE:-24G}
 POOLS=(vms images)
 PG_NUM=8
 CREATED=$D/created                     # written last by create: its absence means "redo"
@@ -123,6 +130,12 @@ osd_crush_update_on_start = true
 # at start-up (~0.3 s each) to ask whether it is rotational: the default 5 cost 1.5 s.
 osd_op_num_shards = 2
 osd_op_num_threads_per_shard = 1
+# The block file sits on a virtio disk that reports itself rotational, so the OSD takes the HDD
+# defaults, among them a 5 s sleep between snapshot-trim steps: the objects of a deleted clone
+# whose snapshot predates its flatten (the agent's images_rbd_flatten = background) are freed at
+# ~1 per second, 8 GiB in ~40 min, and a test or bench that makes the next clone fills the OSD.
+osd_snap_trim_sleep_hdd = 0
+osd_snap_trim_sleep_hybrid = 0
 
 [client]
 keyring = $D/\$cluster.\$name.keyring
@@ -157,6 +170,40 @@ start_osd() {
     [ -n "$(osd_pid || true)" ] && return 0
     svc_spawn ceph osd "$D/log/osd.out" ceph-osd -f --conf "$CONF" -i "$(osd_id)" 9>&-
     log "ceph-osd started (pid $(cat "$D/pids/osd.pid"))"
+}
+
+# grow_osd: an OSD whose block file is smaller than OSD_SIZE (a cluster made with the older
+# 10G default, or CA_CEPH_OSD_SIZE raised since) is grown before it starts: the sparse file is
+# extended and bluestore adds the new space to its freelist (ceph-bluestore-tool
+# bluefs-bdev-expand, which pacific can only do offline; it updates the label's bfm_size and
+# leaves its "size" field as it was, which is harmless). It runs only while ceph-osd is stopped,
+# so a running cluster is never touched; it never shrinks. If the expand fails the file is cut
+# back to its old size and the OSD starts as it was. ceph.conf keeps the bluestore_block_size it
+# was made with (the option only sizes a new OSD at mkfs): rewriting it would make glance.sh
+# restart glance-api, whose configuration embeds a copy of ceph.conf.
+grow_osd() {
+    local id dir block want have avail
+    [ -z "$(osd_pid || true)" ] || return 0
+    id=$(osd_id)
+    dir=$D/osd/ceph-$id
+    block=$dir/block
+    [ -f "$block" ] || return 0
+    want=$(numfmt --from=iec "$OSD_SIZE")
+    have=$(stat -c %s "$block")
+    [ "$have" -lt "$want" ] || return 0
+    avail=$(df -P --block-size=1 "$dir" | awk 'NR == 2 {print $4}')
+    if [ "$avail" -lt $((want - $(stat -c %b "$block") * 512)) ]; then
+        log "WARNING: $(numfmt --to=iec "$avail") free under $dir: the OSD can now fill the disk"
+    fi
+    truncate -s "$want" "$block"
+    if ceph-bluestore-tool --path "$dir" --log-file "$D/log/osd-expand.log" \
+            bluefs-bdev-expand > "$D/log/osd-expand.out" 2>&1; then
+        log "osd.$id grown from $(numfmt --to=iec "$have") to $OSD_SIZE"
+    else
+        truncate -s "$have" "$block"
+        log "WARNING: could not grow osd.$id to $OSD_SIZE (see $D/log/osd-expand.out)," \
+            "starting it at $(numfmt --to=iec "$have")"
+    fi
 }
 
 set_env_facts() {
@@ -312,6 +359,7 @@ cmd_start() {
     local t0; t0=$(svc_time_ms)
     create
     mkdir -p "$D/run" "$D/log" "$D/crash"
+    grow_osd
     start_mon
     # No need to wait for the mon first: ceph-osd retries it for client_mount_timeout.
     start_osd

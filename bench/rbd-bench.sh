@@ -31,26 +31,30 @@
 # CA_BENCH_IDLE_S of idle, a watcher starts (every 100 ms: GET the image from Glance until it is
 # active; the agent's CPU ticks and VmRSS, ceph-osd, glance-api and whole-machine CPU), the cast
 # goes out, the bench waits for the agent's "done" line (and, for a, its "flattened" line), then
-# deletes the image through Glance (which removes the rbd clone) and checks that nothing of the
-# run is left in Ceph (no clone, no temporary snapshot on the instance disk).
+# deletes the image through Glance (which removes the rbd clone), waits until the OSD holds no
+# more data than before the run (a's clone, whose snapshot predates its flatten, is freed by the
+# OSD's snapshot trimming after the DELETE returns) and checks that nothing of the run is left in
+# Ceph (no clone, no temporary snapshot on the instance disk).
 #
 # Measured per run: cast (the sender's time.time() before snapshot_instance) -> first Glance GET
 # that shows the image active (the primary figure; 100 ms polls, so up to ~100 ms late), and ->
 # the agent's "snapshot to image ... done" log line; for a, cast -> "image ... flattened"; the
 # backend step, freeze window, upload time, bytes streamed (the agent's log lines), the clone's
 # allocation after the flatten (rbd du), agent/ceph-osd/glance-api CPU seconds and machine busy %
-# from cast to active, the agent's peak VmRSS (100 ms samples) and VmHWM per size, the time
-# Glance's DELETE of the image takes. Reported per size and contender: median (min-max); and the
+# from cast to active, the agent's VmRSS at the cast and its peak (100 ms samples), VmHWM per
+# size, the time Glance's DELETE of the image takes and the wait for the OSD's room. Reported per size and contender: median (min-max); and the
 # median (min-max) over rounds of the pairwise ratios b/a and c/a of cast -> active.
 # Output: markdown on stdout, saved with a header (machine, versions, load) as
 # bench/results/rbd-<date>.md, plus bench/results/rbd-<date>.png (matplotlib) with the times and
-# ratios. A run broken from outside (a broker or Glance restarted by another job) is redone, up
-# to 3 times, and counted in the header.
+# ratios. A run broken or held up from outside (a broker or Glance restarted by another job: the
+# agent's log shows it losing RabbitMQ during the run) is redone; so is a run whose job failed in
+# the agent (recorded in the results, and that agent restarted first). After 3 attempts the run
+# is given up and named in the header.
 #
 # Ceph capacity: a size needs about DATA (the disk) + DATA (one flattened clone) + 1.5 GiB free
 # on the OSD, plus the 5% its full ratio keeps back. CA_BENCH_CEPH chooses the cluster:
 #   shared   the one deploy/services.sh runs (a size that does not fit is skipped, and named in
-#            the header; an OSD made with the old 10G default grows to CA_CEPH_OSD_SIZE, 40G, the
+#            the header; an OSD made with the old 10G default grows to CA_CEPH_OSD_SIZE, 24G, the
 #            next time deploy/services/ceph.sh starts it);
 #   private  the bench's own: deploy/services/ceph.sh with CA_DEPLOY_DIR in the bench's state dir
 #            (mon on 127.0.0.1:13300/16789, a CA_BENCH_OSD_SIZE (24G) sparse OSD) and its own
@@ -518,10 +522,10 @@ proc_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/$1/status"; }
 # --- one run ------------------------------------------------------------------------------------
 
 # attempt CONTENDER GIB N: one snapshot, measured. Returns 1 if the run did not give an active
-# image: something outside the bench got in the way (the machine is shared: a test restarting
-# RabbitMQ loses the cast, one stopping Glance fails the job), or the agent's job failed (its
-# error goes to failures.jsonl and into the results). The run is then redone. A run that took the
-# wrong path stops the bench.
+# image, or gave one late because of something outside the bench (the machine is shared: a test
+# restarting RabbitMQ loses the cast or holds up the job's notifications, one stopping Glance
+# fails the job), or the agent's job failed (its error goes to failures.jsonl and into the
+# results). The run is then redone. A run that took the wrong path stops the bench.
 attempt() {
     local c=$1 gib=$2 n=$3 img r base l=${agent_log[$1]} pid=${agent_pid[$1]} t0 del_ms load why
     local alloc0 alloc1 reclaim_ms
@@ -591,8 +595,15 @@ attempt() {
         sleep 2
     done
     reclaim_ms=$(($(svc_time_ms) - t0))
-    $py "$bench/bench.py" run "$c" "$gib" "$n" "$img" "$r" "$l" "$del_ms" "$load" "$reclaim_ms" >> "$bench/runs.jsonl" ||
-        die "run $c $gib GiB #$n: $(tail -1 "$bench/runs.jsonl")"
+    $py "$bench/bench.py" run "$c" "$gib" "$n" "$img" "$r" "$l" "$del_ms" "$load" "$reclaim_ms" > "$r.json" ||
+        die "run $c $gib GiB #$n: $(cat "$r.json")"
+    if grep -q '"broker_lost": true' "$r.json"; then
+        # Another job restarted RabbitMQ during the run: the job waited for the broker (its
+        # notifications are confirmed), so its times are not the agent's.
+        log "run $c $gib GiB #$n: the agent lost RabbitMQ during the run (restarted by another job?)"
+        return 1
+    fi
+    cat "$r.json" >> "$bench/runs.jsonl"
     # Nothing of the run may stay in Ceph: the clone went with the image, the temporary
     # snapshot on the instance disk with the flatten (a, b) or the view (c).
     if rbdn info "images/$img" > /dev/null 2>&1; then
@@ -756,6 +767,11 @@ def run(c, gib, n, img, prefix, log, del_ms, load, reclaim_ms=None):
             t_flat = ts(l)
             r['cast_to_flattened_ms'] = t_flat - t_cast
             break
+    # Did the agent lose its broker, or get it back, between the cast and the end of the run?
+    t_last = r.get('cast_to_flattened_ms', r.get('cast_to_done_ms'))
+    r['broker_lost'] = t_last is not None and any(
+        ('lost RabbitMQ connection' in l or 'reconnected to RabbitMQ' in l) and
+        t_cast <= ts(l) <= t_cast + t_last for l in lines)
     path, flatten = EXPECT[c]
     r['path_ok'] = r.get('path') == path and (flatten is None or r.get('flatten') == flatten)
     im = json.load(open(prefix + '.image'))
@@ -866,6 +882,8 @@ def table(runs_file, rss_file, out_md, out_png, failures_file=None):
             ('runs (path)', lambda c: '%d (%s)' % (len(by[(g, c)]), ', '.join(sorted(
                 {r['path'] + ('/' + r['flatten'] if r.get('flatten') else '') for r in by[(g, c)]})))),
             ('failed attempts in the agent, redone', lambda c: failed(g, c)),
+            ('runs disturbed by a RabbitMQ restart (agent lost the broker; now redone)',
+             lambda c: str(sum(1 for r in by[(g, c)] if r.get('broker_lost')))),
             ('**cast → image active (Glance GET every 100 ms), s**',
              lambda c: '**%s**' % cell(g, c, 'cast_to_active_ms', 1000, '%.2f')),
             ('cast → agent\'s "done" line, s', lambda c: cell(g, c, 'cast_to_done_ms', 1000, '%.2f')),

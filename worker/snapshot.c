@@ -737,6 +737,14 @@ snapshot_env_release(struct snapshot_env *env)
     env->dead_sessions = NULL;
 }
 
+/* A job's id, from its image: names its journal row, scratch files, sockets and rbd snapshot, so
+ * every place that needs it must build it here. */
+static void
+job_id_for(const struct rpc_request *req, char *buf, size_t size)
+{
+    snprintf(buf, size, "snap-%.36s", req->image_id);
+}
+
 /* The job's fixed parts, from its request. */
 static void
 job_init(struct job *j, struct snapshot_env *env, struct rpc_request *req)
@@ -755,7 +763,7 @@ job_init(struct job *j, struct snapshot_env *env, struct rpc_request *req)
     rpc_instance_state_from_request(req, &j->st, NULL);
     ts = task_state_from_string(inst->task_state);
     j->task = ts < 0 ? TASK_STATE_MAX : (enum task_state)ts;
-    snprintf(j->job_id, sizeof(j->job_id), "snap-%.36s", req->image_id);
+    job_id_for(req, j->job_id, sizeof(j->job_id));
     j->sj = (struct snap_job){
         .job_id = j->job_id,
         .instance_uuid = inst->uuid,
@@ -1124,7 +1132,7 @@ snapshot_accept(struct snapshot_env *env, struct rpc_request *req, struct snapsh
     if (!req->instance || !req->image_id || !req->instance->uuid)
         return -EINVAL;
     if (env->journal) {
-        snprintf(job_id, sizeof(job_id), "snap-%.36s", req->image_id);
+        job_id_for(req, job_id, sizeof(job_id));
         r = journal_job_add(env->journal, job_id, req->instance->uuid, req->image_id,
                             req->unique_id, req->raw, req->raw_len, req->content_type, &err);
         if (r == 0) {

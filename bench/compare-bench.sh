@@ -31,14 +31,17 @@
 # Memory: the agent's VmRSS idle and VmHWM per phase (a fresh agent per case and size).
 #
 # Output: bench/results/compare-<date>.md (header with versions, load, wall time; the summary
-# table; details) and bench/results/compare-<date>.png (ratios ours/nova's, fraction of the
-# roofline), both drawn by bench/compare_bench.py. Everything the bench creates (domain, images,
-# agents, queues, temp files) is removed by an EXIT trap, also on failure.
+# table; details), bench/results/compare-<date>.png (ratios ours/nova's, fraction of the
+# roofline) and bench/results/compare-<date>.json (the summary's figures, for bench/summarize.py),
+# all from bench/compare_bench.py. Smoke mode writes them into its state dir (removed at the end),
+# or as compare-<date>-smoke.* into CA_BENCH_RESULTS_DIR if that is set. Everything the bench
+# creates (domain, images, agents, queues, temp files) is removed by an EXIT trap, also on failure.
 #
 # Environment: CA_BENCH_PAIRS (5; or one number per size, e.g. "5 3"), CA_BENCH_SIZES_GIB
 # ("1 4"), CA_BENCH_CASES ("live cold"), CA_BENCH_VIRTUAL_GIB (8), CA_BENCH_IDLE_S (3),
 # CA_BENCH_ROOF_REPS (3), CA_BENCH_RPC ("1 3": agent counts, "" skips), CA_BENCH_SMOKE,
-# CA_BENCH_KEEP (1: keep the state dir's logs). Disk: about 3x the largest size free.
+# CA_BENCH_KEEP (1: keep the state dir's logs), CA_BENCH_RESULTS_DIR (bench/results),
+# CA_BENCH_DATE (today, UTC: the date in the file names). Disk: about 3x the largest size free.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/deploy/lib.sh"
@@ -437,11 +440,17 @@ done
 
 # --- results --------------------------------------------------------------------------------------
 
-mkdir -p "$root/bench/results"
-date_=$(date -u +%F)
-out=$root/bench/results/compare-$date_.md
-png=$root/bench/results/compare-$date_.png
-[ "${CA_BENCH_SMOKE:-0}" = 1 ] && out=$bench/compare-smoke.md png=$bench/compare-smoke.png
+date_=${CA_BENCH_DATE:-$(date -u +%F)}
+results=${CA_BENCH_RESULTS_DIR:-$root/bench/results}
+stem=$results/compare-$date_
+if [ "${CA_BENCH_SMOKE:-0}" = 1 ]; then
+    # A smoke run never overwrites real results: its state dir, or -smoke files in a results dir
+    # given explicitly.
+    stem=$bench/compare-smoke
+    [ -n "${CA_BENCH_RESULTS_DIR:-}" ] && stem=$results/compare-$date_-smoke
+fi
+mkdir -p "$(dirname "$stem")"
+out=$stem.md png=$stem.png
 {
     echo "# compare-bench $t_start"
     echo
@@ -459,4 +468,4 @@ png=$root/bench/results/compare-$date_.png
     echo
 } > "$out"
 $py "$helper" table "$bench/conf.json" "$out" "$png"
-log "saved $out and $png"
+log "saved $out, $png and $stem.json"

@@ -12,7 +12,8 @@ Subcommands (run under Debian's /usr/bin/python3, which has python3-libvirt and 
   run CONF CONTENDER MODE GIB PAIR             one measured snapshot; one JSON line on stdout.
   roofline CONF GIB BYTES REPS                 read and upload bounds; one JSON line.
   rpc-latency SENT_JSONL AGENT_LOG...          cast -> received latencies (ms); one JSON line.
-  table CONF OUT_MD OUT_PNG                    the results table and chart.
+  table CONF OUT_MD OUT_PNG                    the results table and chart; the same figures
+                                               as JSON in OUT_MD with .json for its suffix.
 
 Nova's sequence is written from nova 26 (Debian python3-nova) as installed here:
 nova/virt/libvirt/driver.py snapshot() and _live_snapshot(), nova/virt/libvirt/utils.py
@@ -694,6 +695,7 @@ def table(conf_path, out_md, out_png):
                'nova\'s CPU s | CPU ratio | roofline s | our fraction | nova\'s fraction |')
     out.append('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     chart_rows = []
+    summary = {'bench': 'compare', 'cases': [], 'roofline': [], 'memory': mem, 'rpc': rpc}
     for mode, gib, a, b in cases:
         tb = bound(gib)
         fa = [tb / r['total_ms'] for r in a] if tb else []
@@ -703,6 +705,23 @@ def table(conf_path, out_md, out_png):
         mr = [x['temp_peak'] / max(1, y['temp_peak']) for x, y in
               zip(sorted(a, key=lambda r: r['pair']), sorted(b, key=lambda r: r['pair']))]
         chart_rows.append(('%s %d GiB' % (mode, gib), tr, cr, mr, fa, fb))
+        summary['cases'].append({
+            'case': mode, 'gib': gib, 'pairs': min(len(a), len(b)),
+            'time_s': {'ours': stats([r['total_ms'] / 1000 for r in a]),
+                       'nova': stats([r['total_ms'] / 1000 for r in b])},
+            'time_ratio': stats(tr),
+            'temp_bytes': {'ours': stats([r['temp_peak'] for r in a]),
+                           'nova': stats([r['temp_peak'] for r in b])},
+            'temp_ratio': stats(mr),
+            'freeze_ms': None if mode != 'live' else {
+                'ours': stats([r.get('freeze_ms') for r in a]),
+                'nova': stats([r.get('freeze_ms') for r in b])},
+            'cpu_s': {'ours': stats([r['cpu_total_s'] for r in a]),
+                      'nova': stats([r['cpu_total_s'] for r in b])},
+            'cpu_ratio': stats(cr),
+            'roofline_s': tb / 1000 if tb else None,
+            'roofline_fraction': {'ours': stats(fa), 'nova': stats(fb)},
+        })
         out.append('| %s, %d GiB written | %d | %s | %s | **%s** | %s | %s | %s | %s | %s | %s | '
                    '%s | %s | %s | %s | %s |' % (
                        mode, gib, min(len(a), len(b)),
@@ -771,6 +790,10 @@ def table(conf_path, out_md, out_png):
         out.append('|---|---:|---:|---:|---:|')
         for gib, d in sorted(roof.items()):
             mb = d['bytes'] / MiB
+            summary['roofline'].append({
+                'gib': gib, 'bytes': d['bytes'], 'read_ms': stats(d['read_ms']),
+                'upload_ms': stats(d['upload_ms']),
+                'bound_ms': max(d['read_med_ms'], d['upload_med_ms'])})
             out.append('| %d GiB | %.0f | %s (%.0f) | %s (%.0f) | %.0f |' % (
                 gib, mb, med_range(d['read_ms']), mb / (d['read_med_ms'] / 1000),
                 med_range(d['upload_ms']), mb / (d['upload_med_ms'] / 1000),
@@ -802,6 +825,18 @@ def table(conf_path, out_md, out_png):
     sys.stdout.write(text)
     with open(out_md, 'a') as f:
         f.write(text)
+    # The same figures for bench/summarize.py, next to the markdown.
+    with open(os.path.splitext(out_md)[0] + '.json', 'w') as f:
+        json.dump(summary, f, indent=1)
+        f.write('\n')
+
+
+def stats(v):
+    """{median, min, max, n} of the values that are not None; None if there are none."""
+    v = [x for x in v if x is not None]
+    if not v:
+        return None
+    return {'median': statistics.median(v), 'min': min(v), 'max': max(v), 'n': len(v)}
 
 
 def chart(rows, out_png):

@@ -46,7 +46,8 @@
 # median (min-max) over rounds of the pairwise ratios b/a and c/a of cast -> active.
 # Output: markdown on stdout, saved with a header (machine, versions, load) as
 # bench/results/rbd-<date>.md, plus bench/results/rbd-<date>.png (matplotlib) with the times and
-# ratios. A run broken or held up from outside (a broker or Glance restarted by another job: the
+# ratios and bench/results/rbd-<date>.json (the same figures, for bench/summarize.py). A run
+# broken or held up from outside (a broker or Glance restarted by another job: the
 # agent's log shows it losing RabbitMQ during the run) is redone; so is a run whose job failed in
 # the agent (recorded in the results, and that agent restarted first). After 3 attempts the run
 # is given up and named in the header.
@@ -70,7 +71,9 @@
 #
 # Environment: CA_BENCH_PAIRS (5), CA_BENCH_SIZES_GIB ("1 8"; e.g. "1 4 8"), CA_BENCH_VIRTUAL_GIB
 # (10), CA_BENCH_IDLE_S (5), CA_BENCH_STREAM_FORMAT (empty: agent default), CA_BENCH_CEPH (auto),
-# CA_BENCH_OSD_SIZE (24G), CA_BENCH_BUDGET_MIN (0), CA_BENCH_KEEP (1: keep the state dir's logs).
+# CA_BENCH_OSD_SIZE (24G), CA_BENCH_BUDGET_MIN (0), CA_BENCH_KEEP (1: keep the state dir's logs),
+# CA_BENCH_RESULTS_DIR (bench/results), CA_BENCH_DATE (today, UTC: the date in the file names),
+# CA_BENCH_SMOKE (1: 1 round, 1 GiB, a 2 GiB virtual disk; files named rbd-<date>-smoke.*).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/deploy/lib.sh"
@@ -82,6 +85,10 @@ if [ ! -x "$build/compute-agent" ]; then
     cmake -S "$root" --preset release > /dev/null &&
         cmake --build "$root/build/release" -j"$(nproc)" --target compute-agent > /dev/null
     build=$root/build/release
+fi
+if [ "${CA_BENCH_SMOKE:-0}" = 1 ]; then
+    # The smallest run: the streamed contender sends the whole virtual disk.
+    : "${CA_BENCH_PAIRS:=1}" "${CA_BENCH_SIZES_GIB:=1}" "${CA_BENCH_VIRTUAL_GIB:=2}"
 fi
 pairs=${CA_BENCH_PAIRS:-5}
 sizes=${CA_BENCH_SIZES_GIB:-"1 8"}
@@ -965,6 +972,32 @@ def table(runs_file, rss_file, out_md, out_png, failures_file=None):
             fmt3(med(ratios[(g, 'cast_to_done_ms', 'c')]), '%.1f'),
             fmt3(med(fl), '%.2f')))
     text.append('')
+    # The same figures for bench/summarize.py, next to the markdown.
+    def js(m):
+        return {'median': m[0], 'min': m[1], 'max': m[2]} if m else None
+    summary = {'bench': 'rbd', 'sizes': []}
+    for g in sizes:
+        per = {}
+        for c in 'abc':
+            rs = by[(g, c)]
+            per[c] = {k: js(med([r.get(k) for r in rs])) for k in (
+                'cast_to_active_ms', 'cast_to_done_ms', 'cast_to_flattened_ms', 'freeze_ms',
+                'backend_ms', 'upload_ms', 'sent', 'clone_used', 'cpu_agent_s',
+                'cpu_agent_flatten_s', 'cpu_osd_s', 'cpu_glance_s', 'rss_peak_kb')}
+            per[c]['runs'] = len(rs)
+            per[c]['name'] = NAMES[c]
+            per[c]['rss'] = next(({'idle_kb': x['idle_kb'], 'hwm_kb': x['hwm_kb']} for x in rss
+                                  if x['gib'] == g and x['contender'] == c), None)
+        summary['sizes'].append({
+            'gib': g, 'rounds': len(ratios[(g, 'cast_to_active_ms', 'b')]), 'contenders': per,
+            'ratio_b_a': js(med(ratios[(g, 'cast_to_active_ms', 'b')])),
+            'ratio_a_b': js(med([1 / x for x in ratios[(g, 'cast_to_active_ms', 'b')] if x])),
+            'ratio_c_a': js(med(ratios[(g, 'cast_to_active_ms', 'c')])),
+            'ratio_b_a_done': js(med(ratios[(g, 'cast_to_done_ms', 'b')])),
+            'ratio_c_a_done': js(med(ratios[(g, 'cast_to_done_ms', 'c')]))})
+    with open(os.path.splitext(out_md)[0] + '.json', 'w') as f:
+        json.dump(summary, f, indent=1)
+        f.write('\n')
     png_note = chart(sizes, by, ratios, out_png)
     if png_note:
         text.append(png_note + '\n')
@@ -1102,10 +1135,13 @@ done
 [ -s "$bench/runs.jsonl" ] || die "no size fitted: ${skipped[*]}"
 vsh destroy "$UUID" > /dev/null 2>&1 || true
 
-mkdir -p "$root/bench/results"
-stamp=$(date -u +%F)
-out=$root/bench/results/rbd-$stamp.md
-png=$root/bench/results/rbd-$stamp.png
+stamp=${CA_BENCH_DATE:-$(date -u +%F)}
+# A smoke run never overwrites real results.
+[ "${CA_BENCH_SMOKE:-0}" = 1 ] && stamp=$stamp-smoke
+results=${CA_BENCH_RESULTS_DIR:-$root/bench/results}
+mkdir -p "$results"
+out=$results/rbd-$stamp.md
+png=$results/rbd-$stamp.png
 elapsed=$((SECONDS - t_start_s))
 stream_desc="raw (the agent's default for a raw disk, as nova uploads it)"
 [ -n "$stream_fmt" ] && stream_desc="$stream_fmt (snapshot_image_format)"
@@ -1151,4 +1187,4 @@ esac
 } > "$out"
 echo
 $py "$bench/bench.py" table "$bench/runs.jsonl" "$bench/rss.jsonl" "$out" "$png" "$bench/failures.jsonl"
-log "saved $out and $png ($((elapsed / 60)) min $((elapsed % 60)) s)"
+log "saved $out, $png and ${out%.md}.json ($((elapsed / 60)) min $((elapsed % 60)) s)"

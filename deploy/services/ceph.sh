@@ -359,6 +359,10 @@ cmd_start() {
     local t0; t0=$(svc_time_ms)
     create
     mkdir -p "$D/run" "$D/log" "$D/crash"
+    # A cluster made before write_conf turned the snapshot-trim sleep off keeps its 5 s.
+    if ! grep -q '^osd_snap_trim_sleep_hdd' "$CONF"; then
+        sed -i '/^osd_op_num_threads_per_shard/a osd_snap_trim_sleep_hdd = 0\nosd_snap_trim_sleep_hybrid = 0' "$CONF"
+    fi
     grow_osd
     start_mon
     # No need to wait for the mon first: ceph-osd retries it for client_mount_timeout.

@@ -49,7 +49,8 @@
 struct job {
     struct snapshot_env *env;
     struct rpc_service *rpc;
-    void *backend_h;
+    struct backend_conn *bconn; /* NULL until job_connect */
+    void *backend_h;            /* bconn->h */
     struct quiesce_ops qops;
     const struct quiesce_ops *quiesce_ops; /* NULL or &qops */
     char path_note[160]; /* why the direct path did not run, for the image */
@@ -295,6 +296,8 @@ consistency_of(const struct view_info *vi)
 
 typedef int (*cleanup_fn)(struct job *j, void *arg, struct agent_err *err);
 
+static bool job_backend_renew(struct job *j, const struct agent_err *e);
+
 static bool
 retry_cleanup(struct job *j, const char *what, cleanup_fn fn, void *arg)
 {
@@ -320,6 +323,7 @@ retry_cleanup(struct job *j, const char *what, cleanup_fn fn, void *arg)
             log_warning(LOG_WORKER, "instance %s: %s: %s; retrying every %d s for up to %d s",
                         j->req->instance->uuid, what, err.msg, CLEANUP_PAUSE_MS / 1000,
                         CLEANUP_RETRY_S);
+        job_backend_renew(j, &err); /* the next attempt then runs on a new connection */
         struct timespec ts = {.tv_sec = CLEANUP_PAUSE_MS / 1000};
         nanosleep(&ts, NULL);
     }
@@ -683,28 +687,43 @@ delete_image(struct job *j, struct glance_client *gc)
         job_step(j, "glance-image", "deleted");
 }
 
-/* The backend handle, opened on first use. */
+/* A backend handle and the jobs holding it. Ceph can shut a client's connection for good (the
+ * cluster blocklisted it: every call then fails with ESHUTDOWN), so a handle whose calls say so
+ * is retired: jobs from then on get a fresh one, and the old one is closed by its last user. */
+struct backend_conn {
+    void *h;
+    unsigned users;
+    bool retired;
+};
+
+/* The current backend handle, opened on first use, held until backend_put(). */
 static int
-backend_handle(struct snapshot_env *env, void **ret_h, struct agent_err *err)
+backend_get(struct snapshot_env *env, struct backend_conn **ret, struct agent_err *err)
 {
     int r = 0;
 
+    *ret = NULL;
     if (!env->backend)
         return agent_err_set(err, -EOPNOTSUPP, "[libvirt] images_type = %s is not supported by "
                              "this agent yet", images_type_to_string(env->cfg->images_type));
     pthread_mutex_lock(&env->lock);
-    if (!env->backend_h) {
+    if (!env->backend_cur) {
         struct disk_backend_config bc = {
             .connection_uri = env->cfg->connection_uri,
             .ceph_conf = env->cfg->images_rbd_ceph_conf,
             .rbd_user = env->cfg->rbd_user,
             .rbd_pool = env->cfg->images_rbd_pool,
         };
-        r = env->backend->open(&bc, &env->backend_h, err);
+        struct backend_conn *c = calloc(1, sizeof(*c));
+        r = c ? env->backend->open(&bc, &c->h, err) : agent_err_set(err, -ENOMEM, "out of memory");
+        if (r >= 0)
+            env->backend_cur = c;
+        else
+            free(c);
         char sid[128];
         struct agent_err jerr = {0};
         if (r >= 0 && env->journal && env->backend->session_id &&
-            env->backend->session_id(env->backend_h, sid, sizeof(sid)) == 0) {
+            env->backend->session_id(c->h, sid, sizeof(sid)) == 0) {
             if (journal_session_add(env->journal, env->backend->name, sid, &jerr) < 0)
                 log_error(LOG_JOURNAL, "backend session %s not journaled: %s", sid, jerr.msg);
             else
@@ -718,19 +737,73 @@ backend_handle(struct snapshot_env *env, void **ret_h, struct agent_err *err)
         if (env->quiesce_backend->open(&lc, &env->quiesce_h, &lerr) < 0)
             log_warning(LOG_WORKER, "libvirt for guest quiesce: %s, ignoring", lerr.msg);
     }
-    *ret_h = env->backend_h;
+    if (r >= 0) {
+        env->backend_cur->users++;
+        *ret = env->backend_cur;
+    }
     pthread_mutex_unlock(&env->lock);
     return r;
+}
+
+static void
+backend_put(struct snapshot_env *env, struct backend_conn *c)
+{
+    bool close_it;
+
+    if (!c)
+        return;
+    pthread_mutex_lock(&env->lock);
+    close_it = --c->users == 0 && c->retired;
+    pthread_mutex_unlock(&env->lock);
+    if (close_it) {
+        env->backend->close(c->h);
+        free(c);
+    }
+}
+
+/* After a failed backend call: if it said the connection is shut down, retire the job's handle
+ * and give the job a fresh one (for its cleanup). Returns true if the handle was replaced. */
+static bool
+job_backend_renew(struct job *j, const struct agent_err *e)
+{
+    struct snapshot_env *env = j->env;
+    struct backend_conn *c = j->bconn, *fresh = NULL;
+    struct agent_err err = {0};
+
+    if (!c || e->code != -ESHUTDOWN)
+        return false;
+    pthread_mutex_lock(&env->lock);
+    if (!c->retired) {
+        c->retired = true;
+        if (env->backend_cur == c)
+            env->backend_cur = NULL;
+        log_warning(LOG_WORKER, "%s backend: the connection was shut down (%s): later calls use "
+                    "a new one", env->backend->name, e->msg);
+    }
+    pthread_mutex_unlock(&env->lock);
+    if (backend_get(env, &fresh, &err) < 0) {
+        log_error(LOG_WORKER, "instance %s: reconnecting the %s backend: %s",
+                  j->req->instance->uuid, env->backend->name, err.msg);
+        return false; /* the job keeps the old handle; its calls keep failing and say why */
+    }
+    backend_put(env, c);
+    j->bconn = fresh;
+    j->backend_h = fresh->h;
+    return true;
 }
 
 void
 snapshot_env_release(struct snapshot_env *env)
 {
-    if (env->backend && env->backend_h)
-        env->backend->close(env->backend_h);
+    /* Jobs are over: no handle has users left. */
+    if (env->backend && env->backend_cur) {
+        env->backend->close(env->backend_cur->h);
+        free(env->backend_cur);
+    }
     if (env->quiesce_backend && env->quiesce_h)
         env->quiesce_backend->close(env->quiesce_h);
-    env->backend_h = env->quiesce_h = NULL;
+    env->backend_cur = NULL;
+    env->quiesce_h = NULL;
     for (size_t i = 0; env->dead_sessions && env->dead_sessions[i]; i++)
         free(env->dead_sessions[i]);
     free(env->dead_sessions);
@@ -789,7 +862,9 @@ job_connect(struct job *j, struct glance_client **gc, struct agent_err *err)
                           j->req->ctx.auth_token,
                           j->req->ctx.global_request_id ?: j->req->ctx.request_id, gc, err);
     if (r >= 0)
-        r = backend_handle(env, &j->backend_h, err);
+        r = backend_get(env, &j->bconn, err);
+    if (r >= 0)
+        j->backend_h = j->bconn->h;
     if (r >= 0 && env->quiesce_h) {
         j->qops = (struct quiesce_ops){qcow2_guest_freeze, qcow2_guest_thaw, env->quiesce_h};
         j->quiesce_ops = &j->qops;
@@ -845,6 +920,7 @@ run_flatten(struct job *j, struct direct_target *dt)
     if (env->backend->flatten(j->backend_h, &j->sj, dt, flatten_progress, j, &ferr) < 0) {
         log_error(LOG_WORKER, "instance %s: background flatten of image %s: %s; the next start "
                   "retries it", j->req->instance->uuid, j->req->image_id, ferr.msg);
+        job_backend_renew(j, &ferr);
         return;
     }
     job_step(j, "flatten", "done");
@@ -885,14 +961,27 @@ pipeline(struct job *j, struct glance_client *gc)
     bool tried_direct = false, flatten_due = false;
     struct direct_target dt = {0};
     if (env->backend->direct_snapshot) {
+        struct backend_conn *before = j->bconn;
         r = try_direct(j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &j->sj,
                        &flatten_due, &err);
+        if (r < 0 && err.code == -ESHUTDOWN && j->bconn != before && !j->cleanup_pending &&
+            !instance_gone && !image_gone) {
+            /* Ceph shut the connection (the rollback then ran on a new one): nothing of the
+             * attempt is left and no task state moved past image_snapshot, so try once more. */
+            log_warning(LOG_WORKER, "instance %s: direct snapshot failed (%s); trying again on "
+                        "the new connection", inst->uuid, err.msg);
+            agent_err_clear(&err);
+            r = try_direct(j, gc, &tried_direct, &instance_gone, &image_gone, &dt, &j->sj,
+                           &flatten_due, &err);
+        }
         if (!tried_direct)
             log_info(LOG_WORKER, "instance %s: direct snapshot not possible (%s): streaming the "
                      "image instead", inst->uuid, j->path_note);
     }
     if (!tried_direct)
         r = take_and_upload(j, gc, &instance_gone, &image_gone, &err);
+    if (r < 0)
+        job_backend_renew(j, &err);
     if (r < 0 && !instance_gone && !image_gone) {
         /* A read failing mid-stream may mean the domain went away under us. */
         int o = env->backend->owns(j->backend_h, &j->sj, NULL);
@@ -1104,6 +1193,7 @@ snapshot_run(struct snapshot_env *env, struct snapshot_task *t)
     else
         pipeline(&j, gc);
 done:
+    backend_put(env, j.bconn);
     rpc_request_free(req);
     journal_job_free(t->recovered);
     free(t);
@@ -1163,15 +1253,16 @@ reconcile_cleanup(struct snapshot_env *env, struct rpc_request *req, const struc
     struct job j;
     struct agent_err err = {0};
     struct direct_target dt;
-    void *bh = NULL;
+    struct backend_conn *c = NULL;
+    void *bh;
 
     job_init(&j, env, req);
-    if (backend_handle(env, &bh, &err) < 0) {
+    if (backend_get(env, &c, &err) < 0) {
         log_error(LOG_WORKER, "job %s: cannot clean up now: %s; the job's recovery retries",
                   j.job_id, err.msg);
         return;
     }
-    j.backend_h = bh;
+    bh = j.backend_h = c->h;
     /* A guest frozen for an rbd snapshot is thawed by the libvirt side. */
     if (env->quiesce_backend && env->quiesce_h && env->quiesce_backend->cleanup_job &&
         env->quiesce_backend->cleanup_job(env->quiesce_h, &j.sj, &err) < 0) {
@@ -1197,6 +1288,7 @@ reconcile_cleanup(struct snapshot_env *env, struct rpc_request *req, const struc
                      req->image_id);
         }
     }
+    backend_put(env, c);
 }
 
 int

@@ -12,12 +12,14 @@ struct rpc_service;
 
 /* What every job shares. cfg, rpc and backend are fixed while jobs run; the backend handle is
  * opened by the first job that needs it (libvirtd may start after the agent) under lock. */
+struct backend_conn;
+
 struct snapshot_env {
     const struct agent_config *cfg;
     struct rpc_service *rpc;                /* notifications go through it */
     const struct disk_backend_ops *backend; /* NULL: images_type not supported */
     pthread_mutex_t lock;
-    void *backend_h;
+    struct backend_conn *backend_cur; /* the backend handle new jobs get (snapshot.c) */
     /* images_type = rbd: the libvirt side (qcow2 backend) only for guest freeze/thaw. */
     const struct disk_backend_ops *quiesce_backend;
     void *quiesce_h;

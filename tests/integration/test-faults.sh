@@ -27,8 +27,12 @@
 #      left, the guest keeps running and writing.
 #   f. A second agent on the same state_path is refused (exit 1, a clear message) while the
 #      first keeps serving.
+#   g. The cluster blocklists the agent's Ceph client (its address from the journal's sessions)
+#      between two rbd jobs: the next job's direct snapshot fails with ESHUTDOWN, the agent says
+#      the connection was shut down, rolls back and tries again on a new connection (journaled
+#      as a new session): that job and the one after it are done.
 # Prints one summary line per case (what happened, how long recovery took) and "N passed, M
-# failed". CA_FAULT_CASES="a b c d e f" runs a subset (default: all).
+# failed". CA_FAULT_CASES="a b c d e f g" runs a subset (default: all).
 # The listener consumes the shared queues notifications.info/.error and
 # versioned_notifications.info/.error, not a pool queue of its own: the agent declares those
 # queues itself before it publishes (as oslo's notifier does), so what it publishes after a broker
@@ -45,7 +49,7 @@ check=$build/tests/tools/ca-imgcheck
 [ -x "$agent" ] && [ -x "$check" ] || { echo "build first ($agent, $check)"; exit 77; }
 py=/usr/bin/python3
 client=$root/tests/integration/nova_client.py
-cases=${CA_FAULT_CASES:-a b c d e f}
+cases=${CA_FAULT_CASES:-a b c d e f g}
 [ "$(id -u)" = 0 ] || { echo "needs root (tmpfs mount, service restarts)"; exit 77; }
 # The debug build carries the test switches (CA_TEST_UPLOAD_PAUSE_MS); a release build ignores them.
 grep -aq CA_TEST_UPLOAD_PAUSE_MS "$agent" || { echo "$agent has no test switches (debug build needed)"; exit 77; }
@@ -71,10 +75,12 @@ mounts=()
 rmq_down=
 glance_down=
 osd_down=
+blocklisted=     # a Ceph client address case g blocklisted
 rbdc() { # bounded: the OSD may be down
     timeout 60 rbd --conf "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING" \
         --client_mount_timeout=10 --rados_osd_op_timeout=20 "$@"
 }
+cephc() { timeout 60 ceph --conf "$CEPH_CONF" --id admin --keyring "$CEPH_ADMIN_KEYRING" --connect-timeout 20 "$@"; }
 virsh_() { virsh -c "$LIBVIRT_URI" "$@"; }
 osd_block=$(svc_dir ceph)/osd/ceph-$(cat "$(svc_dir ceph)/osd-id")/block
 # Restart the OSD as it was: ceph.sh start grows a stopped OSD to CA_CEPH_OSD_SIZE, which is
@@ -96,6 +102,7 @@ cleanup() {
     [ -n "$rmq_down" ] && "$root/deploy/services/rabbitmq.sh" start > /dev/null 2>&1
     [ -n "$osd_down" ] && osd_start > /dev/null 2>&1
     [ -n "$glance_down" ] && "$root/deploy/services/glance.sh" start > /dev/null 2>&1
+    [ -n "$blocklisted" ] && cephc osd blocklist rm "$blocklisted" > /dev/null 2>&1
     [ -n "$listen_pid" ] && pid_alive "$listen_pid" && kill "$listen_pid" 2>/dev/null
     [ -n "$caster_pid" ] && pid_alive "$caster_pid" && kill "$caster_pid" 2>/dev/null
     for h in "${hosts[@]}"; do $RABBITMQCTL delete_queue "compute.$h" > /dev/null 2>&1; done
@@ -646,6 +653,57 @@ case_f() {
     audit f "$img" done
     stop_agent || bad "f: exit status $?"
     summary "f: second agent refused (exit $rc) in $(( $(now) - t0 )) ms; first agent kept serving"
+}
+
+# ---- g. the agent's Ceph client blocklisted ---------------------------------------------------
+case_g() {
+    local i1 i2 i3 sid t0 t_ok s
+    set_guest rbd
+    extra=("[libvirt]" "images_type = rbd" "images_rbd_pool = $RBD_GUEST_POOL"
+           "images_rbd_ceph_conf = $CEPH_CONF" "rbd_user = nova"
+           "images_rbd_glance_pool = images" "images_rbd_flatten = sync"
+           "[DEFAULT]" "debug = journal,rbd")
+    scratch=
+    start_agent g || return
+    create_image i1 g-1 && create_image i2 g-2 && create_image i3 g-3 || { bad "g: images"; return; }
+    cast g "$i1" || return
+    wait_for 120 "job $i1" job_over g "$i1" || bad "g: job $i1 not over"
+    [ "$(job_state g "$i1")" = done/ ] && ok "g: a first direct snapshot done" || bad "g: $i1: $(job_state g "$i1")"
+    # The client this run of the agent uses, as the journal has it: the cluster fences it now,
+    # as Ceph does to a client whose exclusive lock another client breaks.
+    sid=$(jq_db g "SELECT id FROM sessions ORDER BY seq DESC LIMIT 1")
+    [ -n "$sid" ] || { bad "g: no Ceph session in the journal"; return; }
+    cephc osd blocklist add "$sid" 600 > "$tmp/g.blocklist" 2>&1 || { bad "g: blocklist add: $(cat "$tmp/g.blocklist")"; return; }
+    blocklisted=$sid
+    t0=$(now)
+    cast g "$i2" || return
+    wait_for 180 "job $i2" job_over g "$i2" || bad "g: job $i2 not over: $(job_state g "$i2")"
+    s=$(job_state g "$i2")
+    [ "$s" = done/ ] && [ "$(image_status "$i2")" = active ] \
+        && ok "g: the job cast after the blocklisting done in $(( $(now) - t0 )) ms" \
+        || bad "g: $i2: job $s, image $(image_status "$i2")"
+    grep -q "the connection was shut down" "$agent_log" \
+        && ok "g: the agent noticed: $(grep -o 'rbd backend: the connection was shut down.*' "$agent_log" | head -1 | cut -c1-160)" \
+        || bad "g: no 'connection was shut down' line: $(grep -E "$i2" "$agent_log" | tail -2 | tr '\n' ' ')"
+    grep -q "trying again on the new connection" "$agent_log" \
+        && ok "g: the direct snapshot was tried again on the new connection" \
+        || bad "g: no retry on a new connection: $(grep -E "$i2" "$agent_log" | tail -2 | tr '\n' ' ')"
+    # The next job runs on a new connection.
+    t0=$(now)
+    cast g "$i3" || return
+    wait_for 120 "job $i3" job_over g "$i3" || bad "g: job $i3 not over"
+    t_ok=$(now)
+    [ "$(job_state g "$i3")" = done/ ] && [ "$(image_status "$i3")" = active ] \
+        && ok "g: the next snapshot done on a new Ceph connection in $((t_ok - t0)) ms" \
+        || bad "g: $i3: job $(job_state g "$i3"), image $(image_status "$i3")"
+    [ "$(jq_db g "SELECT count(*) FROM sessions")" -ge 2 ] && ok "g: the new session is journaled" \
+        || bad "g: sessions journaled: $(jq_db g "SELECT id FROM sessions" | tr '\n' ' ')"
+    audit g "$i1" done
+    audit g "$i2" done
+    audit g "$i3" done
+    cephc osd blocklist rm "$sid" > /dev/null 2>&1 && blocklisted=
+    stop_agent || bad "g: exit status $?"
+    summary "g: Ceph client blocklisted: the next job $(job_state g "$i2" | tr -d /) (tried again on a new connection), the one after it done in $((t_ok - t0)) ms"
 }
 
 t_all=$(now)

@@ -657,7 +657,7 @@ case_f() {
 
 # ---- g. the agent's Ceph client blocklisted ---------------------------------------------------
 case_g() {
-    local i1 i2 i3 sid t0 t_ok s
+    local i1 i2 i3 sid t0 t_ok s rss
     set_guest rbd
     extra=("[libvirt]" "images_type = rbd" "images_rbd_pool = $RBD_GUEST_POOL"
            "images_rbd_ceph_conf = $CEPH_CONF" "rbd_user = nova"
@@ -698,12 +698,13 @@ case_g() {
         || bad "g: $i3: job $(job_state g "$i3"), image $(image_status "$i3")"
     [ "$(jq_db g "SELECT count(*) FROM sessions")" -ge 2 ] && ok "g: the new session is journaled" \
         || bad "g: sessions journaled: $(jq_db g "SELECT id FROM sessions" | tr '\n' ' ')"
+    rss=$(awk '/^VmRSS/ {print int($2 / 1024)}' "/proc/$agent_pid/status" 2>/dev/null || echo '?')
     audit g "$i1" done
     audit g "$i2" done
     audit g "$i3" done
     cephc osd blocklist rm "$sid" > /dev/null 2>&1 && blocklisted=
     stop_agent || bad "g: exit status $?"
-    summary "g: Ceph client blocklisted: the next job $(job_state g "$i2" | tr -d /) (tried again on a new connection), the one after it done in $((t_ok - t0)) ms"
+    summary "g: Ceph client blocklisted: the next job $(job_state g "$i2" | tr -d /) (tried again on a new connection), the one after it done in $((t_ok - t0)) ms; agent RSS after the 3 jobs (sync flatten) ${rss} MiB"
 }
 
 t_all=$(now)

@@ -4,8 +4,9 @@
  * A view is a point-in-time NBD export of the guest's root disk, read through libnbd:
  *   - live (running or paused guest): libvirt's backup API in pull mode. QEMU exports the disk as
  *     it was at virDomainBackupBegin over a unix socket, copying blocks the guest overwrites
- *     meanwhile into a scratch qcow2 (copy-before-write). The guest filesystems are frozen only
- *     around BackupBegin. Ending the job (virDomainAbortJob) removes the scratch.
+ *     meanwhile into a scratch qcow2 (copy-before-write), which the agent makes before the
+ *     freeze (libvirt only opens it). The guest filesystems are frozen only around BackupBegin.
+ *     The job's cleanup removes the scratch once the backup job has ended.
  *   - live fallback, when libvirt or QEMU cannot do backups: nova's way. A shallow block copy of
  *     the disk's top layer into a new qcow2 delta over the same backing file, wait for READY,
  *     abort (QEMU then leaves the delta a consistent copy of the moment of the abort; freeze
@@ -61,6 +62,7 @@
 #include "backend.h"
 #include "cleanup.h"
 #include "err.h"
+#include "imgenc.h"
 #include "log.h"
 #include "util.h"
 
@@ -81,6 +83,8 @@ extern char **environ;
 #define NBD_IO_TIMEOUT_MS 120000
 /* Free space snapshots_directory must have before a view is made. */
 #define SCRATCH_MIN_FREE (4u * 1024 * 1024)
+/* Write size for the scratch image made ahead (its metadata: a few clusters). */
+#define SCRATCH_CHUNK (64u * 1024)
 /* Reads are split into requests of this size, several in flight (QEMU serves them in
  * parallel); block status asks for this much at a time (the server may answer less). */
 #define NBD_READ_CHUNK (1u * 1024 * 1024)
@@ -1739,7 +1743,7 @@ test_force_blockcopy(void)
 /* The pull-mode backup XML: our disk exported over our socket, every other disk left out. */
 static int
 backup_xml(const struct disk_list *disks, const struct disk_info *d, const struct job_paths *jp,
-           char **ret)
+           bool reuse_scratch, char **ret)
 {
     char *buf = NULL;
     size_t len = 0;
@@ -1764,7 +1768,7 @@ backup_xml(const struct disk_list *disks, const struct disk_info *d, const struc
         xml_put_escaped(f, o->target);
         fputs("'>\n      <scratch file='", f);
         xml_put_escaped(f, jp->scratch);
-        fputs("'/>\n    </disk>\n", f);
+        fputs(reuse_scratch ? "'/>\n      <driver type='qcow2'/>\n    </disk>\n" : "'/>\n    </disk>\n", f);
     }
     fputs("  </disks>\n</domainbackup>\n", f);
     if (fclose(f) != 0) {
@@ -1773,6 +1777,68 @@ backup_xml(const struct disk_list *disks, const struct disk_info *d, const struc
     }
     *ret = buf;
     return 0;
+}
+
+static int
+scratch_no_read(void *opaque, void *buf, size_t len, uint64_t offset, struct agent_err *err)
+{
+    (void)opaque, (void)buf, (void)len, (void)offset;
+    return agent_err_set(err, -EIO, "qcow2: empty scratch image read");
+}
+
+/* The backup's scratch file made before the freeze: an empty qcow2 of the disk's virtual size
+ * (the image encoder with no extents: header, L1 and refcount tables). libvirt then only opens it
+ * (VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL) where it would otherwise have QEMU create and format
+ * it inside the freeze window: BackupBegin took 160-490 ms that way here, 60-140 ms with the file
+ * ready. */
+static int
+scratch_create(virDomainPtr dom, const struct disk_info *d, const char *path,
+               struct agent_err *err)
+{
+    _cleanup_(imgenc_freep) struct imgenc *e = NULL;
+    _cleanup_free_ char *buf = NULL;
+    virDomainBlockInfo bi;
+    int fd, r;
+
+    if (virDomainGetBlockInfo(dom, d->target, &bi, 0) < 0)
+        return libvirt_fail(err, "size of %s", d->target);
+    struct imgenc_options o = {
+        .virtual_size = bi.capacity,
+        .format = IMGENC_FORMAT_QCOW2,
+        .pread = scratch_no_read,
+    };
+    r = imgenc_new(&o, &e, err);
+    if (r < 0)
+        return r;
+    buf = malloc(SCRATCH_CHUNK);
+    if (!buf)
+        return agent_err_set(err, -ENOMEM, "qcow2: out of memory");
+    fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return agent_err_set(err, -errno, "qcow2: create %s: %s", path, strerror(errno));
+    for (;;) {
+        size_t n = 0;
+        r = imgenc_read(e, buf, SCRATCH_CHUNK, &n, err);
+        if (r < 0 || n == 0)
+            break;
+        for (size_t off = 0; off < n;) {
+            ssize_t w = write(fd, buf + off, n - off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0) {
+                r = agent_err_set(err, -errno, "qcow2: write %s: %s", path, strerror(errno));
+                break;
+            }
+            off += (size_t)w;
+        }
+        if (r < 0)
+            break;
+    }
+    if (close(fd) < 0 && r >= 0)
+        r = agent_err_set(err, -errno, "qcow2: write %s: %s", path, strerror(errno));
+    if (r < 0)
+        unlink_gone(path);
+    return r;
 }
 
 /* Freeze, begin the pull-mode backup, thaw. -EOPNOTSUPP (err untouched, reason in *why): the
@@ -1787,20 +1853,40 @@ view_backup(virDomainPtr dom, const struct snap_job *job, const struct disk_list
     struct agent_err berr = {0};
     int r, rb;
 
-    r = backup_xml(disks, d, jp, &xml);
+    /* Without the file ready, libvirt makes it (inside the freeze window). */
+    bool reuse = scratch_create(dom, d, jp->scratch, &berr) == 0;
+    if (!reuse) {
+        log_debug(LOG_QCOW2, "scratch not made ahead (%s): libvirt makes it", berr.msg);
+        agent_err_clear(&berr);
+    }
+    r = backup_xml(disks, d, jp, reuse, &xml);
     if (r < 0)
         return agent_err_set(err, r, "qcow2: out of memory");
     r = quiesce_freeze(dom, job, jp->frozen, &v->info, &fs, err);
     if (r < 0)
         return r;
     snap_job_step(job, "backup-job", "intent");
-    rb = virDomainBackupBegin(dom, xml, NULL, 0);
+    rb = virDomainBackupBegin(dom, xml, NULL, reuse ? VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL : 0);
     if (rb < 0)
         rb = libvirt_fail(&berr, "begin pull-mode backup of %s", d->target);
-    else
+    if (rb < 0 && rb != -EOPNOTSUPP && reuse) {
+        /* libvirt or QEMU would not take the file made ahead: let libvirt make its own. */
+        log_warning(LOG_QCOW2, "%s; trying again with a scratch file libvirt makes", berr.msg);
+        agent_err_clear(&berr);
+        unlink_gone(jp->scratch);
+        free(xml);
+        xml = NULL;
+        r = backup_xml(disks, d, jp, false, &xml);
+        rb = r < 0 ? agent_err_set(&berr, r, "qcow2: out of memory")
+                   : virDomainBackupBegin(dom, xml, NULL, 0);
+        if (rb < 0 && r >= 0)
+            rb = libvirt_fail(&berr, "begin pull-mode backup of %s", d->target);
+    }
+    if (rb >= 0)
         snap_job_step(job, "backup-job", "done");
     r = quiesce_end(dom, job, jp->frozen, &v->info, &fs, err);
     if (rb == -EOPNOTSUPP) {
+        unlink_gone(jp->scratch);
         snprintf(why, why_size, "%s", berr.msg);
         return r < 0 ? r : -EOPNOTSUPP;
     }

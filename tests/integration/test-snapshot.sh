@@ -267,10 +267,12 @@ leftovers
 
 # 6b. Quiesce required while the guest agent hangs (qemu-ga SIGSTOPped inside the guest for longer
 #     than the agent timeout): the snapshot fails, its image is deleted, the error notifications go
-#     out, and the guest ends thawed.
+#     out, and the guest ends thawed. qemu-ga stays stopped 30 s: the cast, the job's start and
+#     the 10 s freeze timeout must all fit in that, even on a loaded machine (14 s was too short
+#     with a benchmark running alongside).
 listen "$tmp/n6.jsonl" 8
 img=$(create_image hung-agent); images+=("$img")
-virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","p=$(pidof qemu-ga); kill -STOP $p; sleep 14; kill -CONT $p"]}}' > /dev/null
+virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","p=$(pidof qemu-ga); kill -STOP $p; sleep 30; kill -CONT $p"]}}' > /dev/null
 # The guest-exec'd shell runs asynchronously: cast only once the agent really stopped answering.
 agent_silent() { ! virsh_ qemu-agent-command --timeout 1 "$GUEST_NAME" '{"execute":"guest-ping"}' > /dev/null 2>&1; }
 wait_for 10 "qemu-ga to stop answering" agent_silent || bad "qemu-ga kept answering"
@@ -282,7 +284,7 @@ wait_for 10 "image deleted" gone "$img" && ok "its image was deleted" || bad "im
 wait "$listen_pid" || true
 grep -q '"event_type": "compute.exception"' "$tmp/n6.jsonl" && ok "error notifications sent" || bad "no error notifications"
 grep -q '"new_task_state": null' "$tmp/n6.jsonl" && ok "task_state back to None" || bad "task_state not reset"
-wait_for 30 "qemu-ga back" virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-ping"}' || true
+wait_for 45 "qemu-ga back" virsh_ qemu-agent-command "$GUEST_NAME" '{"execute":"guest-ping"}' || true
 leftovers
 
 # 6c. The image deleted while it uploads (a test-only pause holds the upload): task_state back to

@@ -48,6 +48,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck disable=SC2034 # read by lib.sh log()
 SVC=compare-bench
 t_wall0=$(date +%s)
+# The tree the agent is built from, named now: commits made while the bench runs are not in it.
+agent_rev=$(git -C "$root" rev-parse --short HEAD 2> /dev/null || echo unknown)
+git -C "$root" diff --quiet HEAD -- '*.c' '*.h' CMakeLists.txt 2> /dev/null || agent_rev="$agent_rev+local changes"
 build=${1:-$root/build/release}
 if [ ! -x "$build/compute-agent" ]; then
     log "building the release agent"
@@ -458,7 +461,7 @@ out=$stem.md png=$stem.png
         "guest domain type $GUEST_DOMTYPE, $($QEMU_BIN --version | head -1 | sed 's/ (.*//')," \
         "libvirt $(virsh -c "$LIBVIRT_URI" version 2> /dev/null | sed -n 's/^Using library: libvirt //p')," \
         "python3-nova $(dpkg-query -W -f='${Version}' python3-nova 2> /dev/null)," \
-        "agent $(basename "$build") build $(git -C "$root" rev-parse --short HEAD 2> /dev/null)." \
+        "agent $(basename "$build") build of $agent_rev (the tree at the bench's start)." \
         "Guest disk: a qcow2 overlay, ${virt_gib} GiB virtual, the data written at ${DATA_OFF_MB} MiB;" \
         "writer ${GUEST_WRITER_WPS} writes/s, heartbeat ${GUEST_HB_MS} ms; image_hw_qemu_guest_agent=yes;" \
         "qcow2 uncompressed into Glance's file store. Pairs per size (${sizes[*]} GiB): ${pairs_per_size[*]}," \

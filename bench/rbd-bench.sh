@@ -27,7 +27,8 @@
 # one. The shared test guests (instance-00000001/2) are never touched.
 #
 # Per size, three release agents (one per contender, each its own host name and config) start
-# fresh; then rounds a b c a b c ... (CA_BENCH_PAIRS rounds). Each run: the image is created,
+# fresh; then rounds a b c a b c ... (CA_BENCH_PAIRS rounds; c, which streams the whole virtual
+# disk and takes minutes, only in the first CA_BENCH_FALLBACK_ROUNDS of them). Each run: the image is created,
 # CA_BENCH_IDLE_S of idle, a watcher starts (every 100 ms: GET the image from Glance until it is
 # active; the agent's CPU ticks and VmRSS, ceph-osd, glance-api and whole-machine CPU), the cast
 # goes out, the bench waits for the agent's "done" line (and, for a, its "flattened" line), then
@@ -69,7 +70,7 @@
 # CA_BENCH_BUDGET_MIN (0: none): no round starts once the bench has run that long; the results
 # cover the rounds done (a size not reached is skipped), and the header says so.
 #
-# Environment: CA_BENCH_PAIRS (5), CA_BENCH_SIZES_GIB ("1 8"; e.g. "1 4 8"), CA_BENCH_VIRTUAL_GIB
+# Environment: CA_BENCH_PAIRS (5), CA_BENCH_FALLBACK_ROUNDS (2), CA_BENCH_SIZES_GIB ("1 8"; e.g. "1 4 8"), CA_BENCH_VIRTUAL_GIB
 # (10), CA_BENCH_IDLE_S (5), CA_BENCH_STREAM_FORMAT (empty: agent default), CA_BENCH_CEPH (auto),
 # CA_BENCH_OSD_SIZE (24G), CA_BENCH_BUDGET_MIN (0), CA_BENCH_KEEP (1: keep the state dir's logs),
 # CA_BENCH_RESULTS_DIR (bench/results), CA_BENCH_DATE (today, UTC: the date in the file names),
@@ -91,6 +92,8 @@ if [ "${CA_BENCH_SMOKE:-0}" = 1 ]; then
     : "${CA_BENCH_PAIRS:=1}" "${CA_BENCH_SIZES_GIB:=1}" "${CA_BENCH_VIRTUAL_GIB:=2}"
 fi
 pairs=${CA_BENCH_PAIRS:-5}
+# The streamed fallback (c) is no contender of nova's: it gets fewer rounds than the a/b pairs.
+fallback_rounds=${CA_BENCH_FALLBACK_ROUNDS:-2}
 sizes=${CA_BENCH_SIZES_GIB:-"1 8"}
 virt_gib=${CA_BENCH_VIRTUAL_GIB:-10}
 idle_s=${CA_BENCH_IDLE_S:-5}
@@ -119,6 +122,7 @@ PRIV_GLANCE=rbdbench
 PRIV_GLANCE_PORT=19292
 
 case "$pairs" in '' | *[!0-9]* | 0) die "CA_BENCH_PAIRS must be a positive integer" ;; esac
+case "$fallback_rounds" in '' | *[!0-9]*) die "CA_BENCH_FALLBACK_ROUNDS must be a number" ;; esac
 # shellcheck disable=SC2086 # split on purpose
 sizes=$(printf '%s\n' $sizes | sort -n -u | tr '\n' ' ')
 for s in $sizes; do
@@ -1072,6 +1076,10 @@ PY
 # --- the bench ----------------------------------------------------------------------------------
 
 t_start_s=$SECONDS
+# The tree the agent was built from, named now: commits made while the bench runs are not in it.
+rev_start=$(git -C "$root" rev-parse --short HEAD 2> /dev/null || echo unknown)
+dirty=$(git -C "$root" status --porcelain -- worker backends rpc common 2> /dev/null |
+    awk '{print $2}' | cut -d/ -f1 | sort -u | tr '\n' ' ')
 t_start=$(date -u '+%Y-%m-%d %H:%M UTC')
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 : > "$bench/runs.jsonl"
@@ -1124,7 +1132,10 @@ for gib in $sizes; do
             budget_note+=("$gib GiB: $((n - 1)) of $pairs rounds")
             break
         fi
-        for c in "${CONTENDERS[@]}"; do run_one "$c" "$gib" "$n"; done
+        for c in "${CONTENDERS[@]}"; do
+            [ "$c" = c ] && [ "$n" -gt "$fallback_rounds" ] && continue
+            run_one "$c" "$gib" "$n"
+        done
     done
     for c in "${CONTENDERS[@]}"; do
         printf '{"gib": %s, "contender": "%s", "idle_kb": %s, "hwm_kb": %s}\n' "$gib" "$c" \
@@ -1145,11 +1156,9 @@ png=$results/rbd-$stamp.png
 elapsed=$((SECONDS - t_start_s))
 stream_desc="raw (the agent's default for a raw disk, as nova uploads it)"
 [ -n "$stream_fmt" ] && stream_desc="$stream_fmt (snapshot_image_format)"
-dirty=$(git -C "$root" status --porcelain -- worker backends rpc common 2> /dev/null |
-    awk '{print $2}' | cut -d/ -f1 | sort -u | tr '\n' ' ')
 case "$(cd "$build" && pwd)" in
     "$root"/*)
-        agent_rev="release build of $(git -C "$root" rev-parse --short HEAD)"
+        agent_rev="release build of $rev_start (the tree at the bench's start)"
         [ -n "$dirty" ] && agent_rev="$agent_rev with uncommitted changes in ${dirty% }"
         ;;
     *) agent_rev="release build in $build" ;;
@@ -1167,7 +1176,7 @@ esac
         "random data at ${DATA_OFF_MB} MiB, guest writer ${GUEST_WRITER_WPS} writes/s;" \
         "image_hw_qemu_guest_agent=yes (frozen through qemu-ga); contender c streams" \
         "$stream_desc into Glance's" \
-        "file store. $pairs rounds a b c per size, median (min–max). Runs redone: $retries" \
+        "file store. $pairs rounds a b (c in the first $((fallback_rounds < pairs ? fallback_rounds : pairs)) of them) per size, median (min–max). Runs redone: $retries" \
         "(outside interference, or the agent's job failed: see the failed attempts row). Load average at start $load_start, at the end" \
         "$(cut -d' ' -f1-3 /proc/loadavg) (other jobs share the 2 cores). Bench wall time" \
         "$((elapsed / 60)) min $((elapsed % 60)) s."

@@ -1841,6 +1841,17 @@ scratch_create(virDomainPtr dom, const struct disk_info *d, const char *path,
     return r;
 }
 
+static int
+backup_begin(virDomainPtr dom, const char *xml, bool reuse_scratch, const char *target,
+             struct agent_err *err)
+{
+    unsigned flags = reuse_scratch ? VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL : 0;
+
+    if (virDomainBackupBegin(dom, xml, NULL, flags) < 0)
+        return libvirt_fail(err, "begin pull-mode backup of %s", target);
+    return 0;
+}
+
 /* Freeze, begin the pull-mode backup, thaw. -EOPNOTSUPP (err untouched, reason in *why): the
  * backup API is not available here and nothing was started. */
 static int
@@ -1866,9 +1877,7 @@ view_backup(virDomainPtr dom, const struct snap_job *job, const struct disk_list
     if (r < 0)
         return r;
     snap_job_step(job, "backup-job", "intent");
-    rb = virDomainBackupBegin(dom, xml, NULL, reuse ? VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL : 0);
-    if (rb < 0)
-        rb = libvirt_fail(&berr, "begin pull-mode backup of %s", d->target);
+    rb = backup_begin(dom, xml, reuse, d->target, &berr);
     if (rb < 0 && rb != -EOPNOTSUPP && reuse) {
         /* libvirt or QEMU would not take the file made ahead: let libvirt make its own. */
         log_warning(LOG_QCOW2, "%s; trying again with a scratch file libvirt makes", berr.msg);
@@ -1878,9 +1887,7 @@ view_backup(virDomainPtr dom, const struct snap_job *job, const struct disk_list
         xml = NULL;
         r = backup_xml(disks, d, jp, false, &xml);
         rb = r < 0 ? agent_err_set(&berr, r, "qcow2: out of memory")
-                   : virDomainBackupBegin(dom, xml, NULL, 0);
-        if (rb < 0 && r >= 0)
-            rb = libvirt_fail(&berr, "begin pull-mode backup of %s", d->target);
+                   : backup_begin(dom, xml, false, d->target, &berr);
     }
     if (rb >= 0)
         snap_job_step(job, "backup-job", "done");

@@ -54,6 +54,11 @@ cleanup() {
     fi
     [ -n "$cg_clone" ] && { rbdc rm --no-progress "$cg_clone" > /dev/null 2>&1 || true; }
     for i in "${images[@]}"; do curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true; done
+    # A temporary snapshot of ours the run left on the shared disk (already reported as a failure).
+    for s_ in $(temp_snaps); do
+        rbdc snap unprotect "$RBD_GUEST_DISK@$s_" > /dev/null 2>&1
+        rbdc snap rm --no-progress "$RBD_GUEST_DISK@$s_" > /dev/null 2>&1
+    done
     [ -n "$fg_port" ] && { fg purge > /dev/null 2>&1 || true; }
     [ -n "${RABBITMQCTL:-}" ] && $RABBITMQCTL delete_queue "compute.$host" > /dev/null 2>&1
     rm -rf "$tmp"
@@ -107,7 +112,14 @@ cast() { # cast IMAGE_ID [nova_client cast options...]
 wait_done() {
     wait_for 300 "snapshot of $1" grep -qE "snapshot to image $1 (done|failed|refused)" "$agent_log"
 }
-temp_snaps() { rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk 'NR > 1 && $2 ~ /^snap-/ {print $2}'; }
+# The temporary snapshots of this test's images on the shared disk (other runs' jobs are not ours).
+temp_snaps() {
+    rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null \
+        | awk -v ours=" ${images[*]} " 'NR > 1 && $2 ~ /^snap-/ && index(ours, " " substr($2, 6) " ") {print $2}'
+}
+
+foreign=$(rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk 'NR > 1 && $2 ~ /^snap-/ {print $2}' | tr '\n' ' ')
+[ -z "$foreign" ] || log "note: snapshots of jobs from other runs on $RBD_GUEST_DISK (not checked here): $foreign"
 
 check_clone() { # check_clone IMAGE_ID MIN_SEQ: the clone's snapshot holds a consistent point
     local img=$1 min=$2 out

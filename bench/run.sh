@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks end to end on a fresh machine, in one command (as root):
 #
-#   bench/run.sh                      the full run: about 2 h on 2 cores (2 h 15 min on 2026-11-22, before c got 2 rounds)
+#   bench/run.sh                      the full run: 1 h 07 min on 2 cores with nothing else running (2026-11-22)
 #   CA_BENCH_SMOKE=1 bench/run.sh     the smallest run of both benches (a check of the pipeline)
 #
 # Installs the packages (deploy/install-packages.sh all, idempotent), builds the release agent

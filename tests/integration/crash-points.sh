@@ -21,6 +21,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/deploy/lib.sh"
+. "$root/tests/integration/lib.sh"
 SVC=test-crash-${CA_CRASH_PATHS:-all}
 SVC=${SVC// /-}
 build=${CA_BUILD_DIR:-$root/build/debug}
@@ -54,16 +55,7 @@ cleanup() {
         curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true
         # What a case that broke off (reported as a failure) left in Ceph for its image: the
         # clone, then the temporary snapshot on the shared disk, so that later runs start clean.
-        case " $paths " in *" rbd "*) ;; *) continue ;; esac
-        if rbdc info "images/$i" > /dev/null 2>&1; then
-            rbdc snap unprotect "images/$i@snap" > /dev/null 2>&1 || true
-            rbdc snap purge "images/$i" > /dev/null 2>&1 || true
-            rbdc rm --no-progress "images/$i" > /dev/null 2>&1 || true
-        fi
-        if rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk '{print $2}' | grep -qx "snap-$i"; then
-            rbdc snap unprotect "$RBD_GUEST_DISK@snap-$i" > /dev/null 2>&1 || true
-            rbdc snap rm --no-progress "$RBD_GUEST_DISK@snap-$i" > /dev/null 2>&1 || true
-        fi
+        case " $paths " in *" rbd "*) rbd_image_leftovers_remove "$i" ;; esac
     done
     for h in "${hosts[@]}"; do
         [ -n "${RABBITMQCTL:-}" ] && $RABBITMQCTL delete_queue "compute.$h" > /dev/null 2>&1

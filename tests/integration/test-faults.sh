@@ -42,6 +42,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/deploy/lib.sh"
+. "$root/tests/integration/lib.sh"
 SVC=test-faults
 build=${CA_BUILD_DIR:-$root/build/debug}
 agent=${CA_AGENT:-$build/compute-agent}
@@ -109,15 +110,7 @@ cleanup() {
     for i in "${images[@]}"; do
         curl -s -m 20 -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null
         # Whatever the agent left in Ceph for this test's images (a leak is reported, not kept).
-        if rbdc info "images/$i" > /dev/null 2>&1; then
-            rbdc snap unprotect "images/$i@snap" > /dev/null 2>&1
-            rbdc snap purge "images/$i" > /dev/null 2>&1
-            rbdc rm --no-progress "images/$i" > /dev/null 2>&1
-        fi
-        if rbdc snap ls "$RBD_GUEST_DISK" 2>/dev/null | awk '{print $2}' | grep -qx "snap-$i"; then
-            rbdc snap unprotect "$RBD_GUEST_DISK@snap-$i" > /dev/null 2>&1
-            rbdc snap rm --no-progress "$RBD_GUEST_DISK@snap-$i" > /dev/null 2>&1
-        fi
+        rbd_image_leftovers_remove "$i"
     done
     for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m"; done
     # The guests are shared: leave them running and answering.

@@ -11,6 +11,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/deploy/lib.sh"
+. "$root/tests/integration/lib.sh"
 SVC=test-snapshot-rbd
 build=${CA_BUILD_DIR:-$root/build/debug}
 agent=${CA_AGENT:-$build/compute-agent}
@@ -53,11 +54,10 @@ cleanup() {
         vsh undefine "$cg_uuid" > /dev/null 2>&1 || true
     fi
     [ -n "$cg_clone" ] && { rbdc rm --no-progress "$cg_clone" > /dev/null 2>&1 || true; }
-    for i in "${images[@]}"; do curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true; done
-    # A temporary snapshot of ours the run left on the shared disk (already reported as a failure).
-    for s_ in $(temp_snaps); do
-        rbdc snap unprotect "$RBD_GUEST_DISK@$s_" > /dev/null 2>&1
-        rbdc snap rm --no-progress "$RBD_GUEST_DISK@$s_" > /dev/null 2>&1
+    # Then what the run left in Ceph for its images (already reported as a failure).
+    for i in "${images[@]}"; do
+        curl -s -X DELETE "$GLANCE_URL/v2/images/$i" > /dev/null || true
+        rbd_image_leftovers_remove "$i"
     done
     [ -n "$fg_port" ] && { fg purge > /dev/null 2>&1 || true; }
     [ -n "${RABBITMQCTL:-}" ] && $RABBITMQCTL delete_queue "compute.$host" > /dev/null 2>&1
